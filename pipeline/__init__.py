@@ -1,0 +1,1 @@
+"""Offline pipeline: StreamVLN source data -> pre-tokenised WebDataset shards per task."""

@@ -1,0 +1,119 @@
+"""`streamvln-shards`: command-line entry points (option parsing only; the work is in the library)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import task_dir
+from .config import ConfigError, NavShardConfig, load_config
+from .reader import AnnotationError
+
+
+@click.group()
+def main():
+    """Offline tools: build the tokenizer, write demo data, write WebDataset shards per task."""
+
+
+@main.command()
+@click.option("--tiktoken", "tiktoken_file", default="build/qwen.tiktoken", show_default=True,
+              type=click.Path(dir_okay=False), help="Qwen's BPE ranks (from the dashscope wheel).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer directory to write.")
+def tokenizer(tiktoken_file, out):
+    """Build a transformers Qwen2 tokenizer directory locally from qwen.tiktoken."""
+    from .qwen_tokenizer import build_qwen2_tokenizer
+
+    try:
+        build_qwen2_tokenizer(tiktoken_file, out)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote Qwen2 tokenizer to {out}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--episodes", default=40, show_default=True, help="Training episodes per source.")
+@click.option("--val-episodes", default=10, show_default=True, help="Held-out episodes per source, under val/.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--width", default=640, show_default=True)
+@click.option("--height", default=480, show_default=True)
+def synth(out, episodes, val_episodes, seed, width, height):
+    """Write demo trajectories (R2R-like and RxR-like sources) in the StreamVLN on-disk format."""
+    from .synth import write_demo
+
+    frames = write_demo(out, episodes=episodes, val_episodes=val_episodes, seed=seed, width=width, height=height)
+    for source, n in frames.items():
+        click.echo(f"{Path(out) / source}: {n} frames")
+
+
+@main.command()
+@click.option("--src", "sources", multiple=True, required=True, type=click.Path(file_okay=False, exists=True),
+              help="Source folder with annotations.json and images/ (repeatable).")
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Local tokenizer directory (Qwen2).")
+@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
+              help="Shard root; the task folder <out>/nav is written.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
+              help="YAML with NavShardConfig keys (configs/shards/nav.yaml); options below override it.")
+@click.option("--num-frames", type=int, help="F, actions per sample [32].")
+@click.option("--num-future-steps", type=int, help="K, actions per assistant turn [4].")
+@click.option("--num-history", type=int, help="H, history frames [8].")
+@click.option("--remove-init-turns/--keep-init-turns", default=None, help="Drop leading turn-only steps [keep].")
+@click.option("--history-mode", type=click.Choice(["exact", "reference"]), help="[exact]")
+@click.option("--image-size", type=int, help="Frames are resized to this square size [384].")
+@click.option("--jpeg-quality", type=int, help="[95]")
+@click.option("--samples-per-shard", type=int, help="Target samples per shard [256].")
+@click.option("--max-tokens", type=int, help="Reject longer samples [32768].")
+@click.option("--seed", type=int, help="[0]")
+@click.option("--split", help="Shard name prefix, e.g. train or val [train].")
+@click.option("--workers", default=1, show_default=True, help="Processes writing shards.")
+@click.option("--part", default=0, show_default=True, help="This run's part (e.g. $SLURM_ARRAY_TASK_ID).")
+@click.option("--num-parts", default=1, show_default=True, help="Disjoint parts the shards are split into.")
+@click.option("--overwrite", is_flag=True, help="Delete this split's shards first instead of resuming.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def nav(sources, tokenizer_path, out, config_path, workers, part, num_parts, overwrite, quiet, **options):
+    """Write navigation shards from StreamVLN trajectory folders (resumes an interrupted run)."""
+    from .nav import run_nav
+    from .task_dir import PlanMismatch
+
+    try:
+        cfg = load_config(NavShardConfig, config_path, options)
+        summary = run_nav(sources, out, cfg, tokenizer_path, workers=workers, part=part, num_parts=num_parts,
+                          overwrite=overwrite, progress=not quiet)
+    except (ConfigError, AnnotationError, PlanMismatch, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_summary(summary))
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['out']} [{summary['split']}]: {summary['shards_written']} shards written, "
+             f"{summary['shards_skipped']} already done, {summary['shards_planned']} planned"]
+    manifest = summary["manifest"]
+    if manifest is None:
+        lines.append(f"{summary['shards_missing']} shards of this split are still to be written by other parts")
+        return "\n".join(lines)
+    c = manifest["counts"]
+    lines.append(f"episodes: {c['episodes_in']} in = {c['episodes_written']} written + {c['episodes_rejected']} rejected")
+    lines.append(f"samples: {c['samples_written']} written, {c['samples_rejected']} rejected")
+    for source, s in manifest["per_source"].items():
+        lines.append(f"  {source}: {s.get('episodes_in', 0)} episodes in, {s.get('samples_written', 0)} samples")
+    for reason, n in manifest["rejects_by_reason"].items():
+        lines.append(f"  rejected ({reason}): {n}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("task_folder", type=click.Path(file_okay=False, exists=True))
+def merge(task_folder):
+    """Merge the parts of a task folder into index.parquet, manifest.json and rejects.jsonl."""
+    missing = task_dir.finalize(Path(task_folder))
+    incomplete = {split: n for split, n in missing.items() if n}
+    if incomplete:
+        raise click.ClickException(f"shards still missing: {json.dumps(incomplete)}; run the remaining parts")
+    click.echo(f"merged {', '.join(missing)} in {task_folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Configs: typed dataclasses loaded strictly from YAML (unknown keys and wrong types are errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(name: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(name, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{name}: {value!r} is not {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{name}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, prefix=f"{name}.")
+    if hint is float and type(value) is int:
+        return float(value)
+    # bool is a subclass of int in Python, but `num_frames: true` is a mistake, not 1
+    ok = type(value) is bool if hint is bool else isinstance(value, hint) and type(value) is not bool
+    if not ok:
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and mistyped values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
+                          f"known: {', '.join(sorted(names))}")
+    values = {k: _check_type(prefix + k, v, hints[k]) for k, v in data.items()}
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
+    """Defaults of `cls`, then the YAML file, then explicit overrides (None values are ignored)."""
+    data = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(loaded, (dict, type(None))):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data.update(loaded or {})
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def dump_config(obj) -> str:
+    return yaml.safe_dump(asdict(obj), sort_keys=False, allow_unicode=True)
+
+
+@dataclass
+class NavShardConfig:
+    """Options of `streamvln-shards nav`; defaults are the reference's."""
+
+    num_frames: int = 32  # F: actions per sample (chunk length)
+    num_future_steps: int = 4  # K: actions per assistant turn, one current frame per turn
+    num_history: int = 8  # H: history frames for chunks after the first
+    remove_init_turns: bool = False
+    history_mode: str = "exact"  # "exact" (at most H frames) or "reference" (its arange)
+    image_size: int = 384
+    jpeg_quality: int = 95
+    samples_per_shard: int = 256  # target; a shard holds whole episodes, so it can exceed this
+    max_tokens: int = 32768  # longer samples are rejected (the reference would truncate them)
+    seed: int = 0
+    split: str = "train"
+
+    def validate(self):
+        positive = ("num_frames", "num_future_steps", "num_history", "image_size", "samples_per_shard", "max_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.history_mode not in ("exact", "reference"):
+            raise ConfigError(f"history_mode must be 'exact' or 'reference', got {self.history_mode!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if not self.split or not self.split.replace("_", "").isalnum():
+            raise ConfigError(f"split must be a plain name like 'train' or 'val', got {self.split!r}")

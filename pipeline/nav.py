@@ -1,0 +1,234 @@
+"""Navigation task: plan episodes into shards, build each episode's samples, write and merge the shards."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import task_dir
+from .config import NavShardConfig
+from .dialogue import nav_dialogue
+from .frames import Chunk, plan_chunks, skip_reason
+from .images import FrameError, resize_frame
+from .qwen_tokenizer import load_tokenizer, tokenizer_fingerprint
+from .reader import AnnotationError, Episode, Reject, list_frames, read_source
+from .shard_writer import SCHEMA_VERSION, ShardWriter, json_bytes, npy_bytes, sha256_file, write_json_atomic
+from .tokens import IGNORE_INDEX, TokenIds, tokenize_dialogue
+
+TASK = "nav"
+
+
+@dataclass
+class Sample:
+    key: str
+    meta: dict
+    input_ids: np.ndarray
+    labels: np.ndarray
+    frames: list[bytes]
+
+    def members(self) -> list[tuple[str, bytes]]:
+        frames = [(f"f{i:03d}.jpg", jpg) for i, jpg in enumerate(self.frames)]
+        return [("json", json_bytes(self.meta)), ("input_ids.npy", npy_bytes(self.input_ids)),
+                ("labels.npy", npy_bytes(self.labels)), *frames]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def sample_key(episode: Episode, instruction: int, start: int) -> str:
+    return f"{_safe(episode.source)}-{_safe(episode.episode_id)}-i{instruction}-s{start:04d}"
+
+
+def sample_rng(seed: int, episode: Episode, instruction: int, start: int) -> random.Random:
+    """An RNG per sample, so the conjunctions drawn do not depend on workers, parts or order."""
+    digest = hashlib.sha256(f"{seed}|{episode.source}|{episode.episode_id}|{instruction}|{start}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def episode_chunks(episode: Episode, cfg: NavShardConfig) -> list[Chunk]:
+    return plan_chunks(list(episode.actions), num_frames=cfg.num_frames, num_future_steps=cfg.num_future_steps,
+                       num_history=cfg.num_history, remove_init_turns=cfg.remove_init_turns,
+                       history_mode=cfg.history_mode)
+
+
+def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> tuple[list[Sample], list[Reject]]:
+    """Every sample of one episode, or the reasons it (or some of its samples) cannot be used."""
+
+    def reject(reason: str, key: str = "") -> Reject:
+        where = episode.ref + (f" sample={key}" if key else "")
+        return Reject(where, reason, episode.source, episode.episode_id, "sample" if key else "episode")
+
+    if not os.path.isdir(episode.frame_dir):
+        return [], [reject(f"missing frame folder: {episode.frame_dir}")]
+    files = list_frames(episode)
+    if len(files) < len(episode.actions):
+        return [], [reject(f"fewer frames than actions: {len(files)} frames in {episode.frame_dir} for {len(episode.actions)} actions")]
+    chunks = episode_chunks(episode, cfg)
+    kept, rejects = [], []
+    for k, instruction in enumerate(episode.instructions):
+        for chunk in chunks:
+            key = sample_key(episode, k, chunk.start)
+            turns = nav_dialogue(instruction, chunk.actions, has_history=chunk.start != 0,
+                                 num_future_steps=cfg.num_future_steps, rng=sample_rng(cfg.seed, episode, k, chunk.start))
+            input_ids, labels = tokenize_dialogue(tok, ids, turns)
+            if len(input_ids) > cfg.max_tokens:
+                rejects.append(reject(f"too many tokens: {len(input_ids)} > max_tokens {cfg.max_tokens}", key))
+                continue
+            kept.append((key, k, instruction, chunk, input_ids, labels))
+    # Decode each needed frame once for the whole episode: chunks share history frames and every
+    # instruction of an episode shares all of them.
+    needed = sorted({i for *_, c, _, _ in kept for i in c.history_frames + c.current_frames})
+    encoded = {}
+    for i in needed:
+        try:
+            encoded[i] = resize_frame(os.path.join(episode.frame_dir, files[i]), cfg.image_size, cfg.jpeg_quality)
+        except FrameError as e:
+            return [], [reject(f"corrupt frame: {e}")]
+    samples = []
+    for key, k, instruction, chunk, input_ids, labels in kept:
+        frame_ids = chunk.history_frames + chunk.current_frames
+        meta = {
+            "schema_version": SCHEMA_VERSION, "task": TASK, "key": key, "source": episode.source,
+            "episode_id": episode.episode_id, "video": episode.video, "instruction_index": k,
+            "instruction": instruction, "start": chunk.start, "time_ids": chunk.time_ids, "actions": chunk.actions,
+            "history_frames": chunk.history_frames, "current_frames": chunk.current_frames,
+            "n_history": len(chunk.history_frames), "n_frames": len(frame_ids), "image_size": cfg.image_size,
+            "n_tokens": len(input_ids), "n_labels": int((labels != IGNORE_INDEX).sum()),
+        }
+        samples.append(Sample(key, meta, input_ids, labels, [encoded[i] for i in frame_ids]))
+    return samples, rejects
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_nav(sources: list[Path], cfg: NavShardConfig, tokenizer_fp: str) -> tuple[dict, list[list[Episode]]]:
+    """Read every annotation file, reject what can be rejected without images, group episodes into shards.
+
+    A shard holds whole episodes and closes once its planned samples reach samples_per_shard, so
+    the grouping depends only on the annotations and options: never on workers, parts or timing.
+    """
+    names = [Path(s).name for s in sources]
+    if len(set(names)) != len(names):
+        raise AnnotationError(f"source folder names must be distinct (they name the sources): {names}")
+    counts, per_source, rejects, groups, current, planned = Counter(), {}, [], [], [], 0
+    source_info = []
+    for src in sources:
+        src = Path(src)
+        episodes, early = read_source(src)
+        source_info.append({"name": src.name, "annotations_sha256": sha256_file(src / "annotations.json")})
+        per_source[src.name] = Counter(episodes_in=len(episodes) + len(early), episodes_rejected=len(early))
+        for episode in episodes:
+            chunks = episode_chunks(episode, cfg)
+            if not chunks:
+                early.append(Reject(episode.ref, skip_reason(list(episode.actions), cfg.remove_init_turns),
+                                    episode.source, episode.episode_id))
+                per_source[src.name]["episodes_rejected"] += 1
+                continue
+            current.append(episode)
+            planned += len(chunks) * len(episode.instructions)
+            if planned >= cfg.samples_per_shard:
+                groups.append(current)
+                current, planned = [], 0
+        rejects.extend(early)
+    if current:
+        groups.append(current)
+    for c in per_source.values():
+        counts.update(c)
+    plan = {
+        "task": TASK, "split": cfg.split, "schema_version": SCHEMA_VERSION, "options": asdict(cfg),
+        "sources": source_info, "tokenizer": {"fingerprint": tokenizer_fp}, "num_shards": len(groups),
+        "shard_episodes": [len(g) for g in groups],
+        "planning": {"counts": {k: counts[k] for k in task_dir.COUNT_KEYS}, "per_source": per_source,
+                     "rejects": [r.to_json() for r in rejects]},
+    }
+    return plan, groups
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_shard(out: Path, shard_id: int, episodes: list[Episode], cfg: NavShardConfig, tok, ids: TokenIds) -> dict:
+    """Write one shard and then its stats sidecar (which marks it done); returns the stats."""
+    path = out / task_dir.shard_name(cfg.split, shard_id)
+    writer = ShardWriter(path)
+    index, rejects, counts, per_source = [], [], Counter(), {}
+    try:
+        for episode in episodes:
+            samples, bad = build_episode(episode, cfg, tok, ids)
+            rejects += [r.to_json() for r in bad]
+            outcome = "episodes_written" if samples else "episodes_rejected"
+            bad_samples = sum(r.level == "sample" for r in bad)
+            counts.update({outcome: 1, "samples_written": len(samples), "samples_rejected": bad_samples})
+            per_source.setdefault(episode.source, Counter()).update({outcome: 1, "samples_written": len(samples)})
+            for sample in samples:
+                offset, size = writer.write(sample.key, sample.members())
+                m = sample.meta
+                index.append({"key": sample.key, "offset": offset, "size": size, "source": m["source"],
+                              "episode": m["episode_id"], "instruction": m["instruction_index"], "start": m["start"],
+                              "n_frames": m["n_frames"], "n_history": m["n_history"], "n_tokens": m["n_tokens"],
+                              "n_labels": m["n_labels"]})
+    except BaseException:
+        writer.abort()
+        raise
+    stats = {"shard": path.name, **writer.close(), "counts": {k: counts[k] for k in task_dir.COUNT_KEYS},
+             "per_source": per_source, "rejects": rejects, "index": index}
+    write_json_atomic(task_dir.stats_path(path), stats)
+    return stats
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path: str, cfg: NavShardConfig, out: Path):
+    tok = load_tokenizer(tokenizer_path)
+    _worker.update(tok=tok, ids=TokenIds.of(tok), cfg=cfg, out=out)
+
+
+def _run_job(job: tuple[int, list[Episode]]) -> dict:
+    shard_id, episodes = job
+    w = _worker
+    return write_shard(w["out"], shard_id, episodes, w["cfg"], w["tok"], w["ids"])
+
+
+def run_nav(sources: list[str | Path], out_root: str | Path, cfg: NavShardConfig, tokenizer_path: str | Path, *,
+            workers: int = 1, part: int = 0, num_parts: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write (or finish writing) this part's shards into <out_root>/nav and merge when all parts are done."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part must be in 0..{num_parts - 1}, got {part}")
+    out = Path(out_root) / TASK
+    tok = load_tokenizer(tokenizer_path)
+    plan, groups = plan_nav([Path(s) for s in sources], cfg, tokenizer_fingerprint(tok))
+    task_dir.commit_plan(out, plan, overwrite)
+    mine = [i for i in range(len(groups)) if i % num_parts == part]
+    pending = task_dir.pending_shards(out, cfg.split, mine)
+    jobs = [(i, groups[i]) for i in pending]
+    bar = tqdm(total=len(jobs), unit="shard", desc=f"nav {cfg.split} part {part}/{num_parts}", disable=not progress)
+    written = []
+    if workers <= 1:
+        _init_worker(str(tokenizer_path), cfg, out)
+        for job in jobs:
+            written.append(_run_job(job))
+            bar.update()
+    else:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), cfg, out)) as pool:
+            for stats in pool.imap_unordered(_run_job, jobs):
+                written.append(stats)
+                bar.update()
+    bar.close()
+    missing = task_dir.finalize(out)
+    return {"out": str(out), "split": cfg.split, "shards_planned": len(groups), "shards_in_part": len(mine),
+            "shards_skipped": len(mine) - len(jobs), "shards_written": len(written),
+            "shards_missing": missing.get(cfg.split, 0), "manifest": None if missing.get(cfg.split) else
+            task_dir.load_manifest(out)["splits"][cfg.split]}

@@ -1,0 +1,179 @@
+"""Look inside a task folder as a person would: summary, one sample's dialogue and frames, verification."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import click
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from .shard_writer import read_sample_bytes, sha256_file
+from .task_dir import load_manifest
+from .tokens import IGNORE_INDEX, IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
+
+KNOWN_EXTS = ("json", "input_ids.npy", "labels.npy")
+
+
+def histogram(values: np.ndarray, bins: int = 8, width: int = 30) -> list[str]:
+    if len(values) == 0:
+        return ["  (no samples)"]
+    counts, edges = np.histogram(values, bins=min(bins, max(1, len(np.unique(values)))))
+    top = counts.max()
+    return [f"  {lo:8.0f} - {hi:<8.0f} {'#' * max(1 if c else 0, round(c / top * width)):<{width}} {c}"
+            for c, lo, hi in zip(counts, edges[:-1], edges[1:])]
+
+
+def summary(task: Path) -> str:
+    manifest = load_manifest(task)
+    index = pq.read_table(task / "index.parquet").to_pydict()
+    lines = [f"{task}  task={manifest['task']}"]
+    for split, info in manifest["splits"].items():
+        c = info["counts"]
+        rows = [i for i, s in enumerate(index["split"]) if s == split]
+        lines += [
+            f"\n[{split}] {len(info['shards'])} shards, {c['samples_written']} samples, "
+            f"{sum(s['bytes'] for s in info['shards']) / 1e6:.1f} MB",
+            f"episodes: {c['episodes_in']} in = {c['episodes_written']} written + {c['episodes_rejected']} rejected; "
+            f"samples rejected: {c['samples_rejected']}",
+            f"options: {json.dumps(info['options'], sort_keys=True)}",
+            "per source:",
+        ]
+        for source, s in info["per_source"].items():
+            lines.append(f"  {source:12s} episodes in {s.get('episodes_in', 0):6d}  written {s.get('episodes_written', 0):6d}"
+                         f"  rejected {s.get('episodes_rejected', 0):6d}  samples {s.get('samples_written', 0):7d}")
+        for column, title in (("n_tokens", "text tokens"), ("n_frames", "frames"), ("n_labels", "labelled tokens")):
+            values = np.array([index[column][i] for i in rows])
+            stats = f" (min {values.min()}, mean {values.mean():.1f}, max {values.max()})" if len(values) else ""
+            lines += [f"{title} per sample{stats}:", *histogram(values)]
+        lines.append("rejects by reason:" if info["rejects_by_reason"] else "rejects: none")
+        lines += [f"  {n:6d}  {reason}" for reason, n in info["rejects_by_reason"].items()]
+    return "\n".join(lines)
+
+
+def find_sample(task: Path, key: str) -> tuple[dict, dict[str, bytes]]:
+    """The index row of `key` and its members, read by byte range."""
+    table = pq.read_table(task / "index.parquet", filters=[("key", "==", key)]).to_pylist()
+    if not table:
+        raise KeyError(f"no sample {key!r} in {task}/index.parquet")
+    row = table[0]
+    return row, read_sample_bytes(task / row["shard"], row["offset"], row["size"])
+
+
+def render_dialogue(tok, input_ids: np.ndarray, labels: np.ndarray, color: bool = True) -> str:
+    """The token stream as text: labelled spans green (or [[...]] without colour), placeholders named."""
+    out, span, span_labelled = [], [], None
+
+    def flush():
+        if span:
+            text = tok.decode(span)
+            if span_labelled:
+                text = click.style(text, fg="green", bold=True) if color else f"[[{text}]]"
+            out.append(text)
+
+    for token, label in zip(input_ids.tolist(), labels.tolist()):
+        if token in (IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER):
+            flush()
+            span, span_labelled = [], None
+            name = "<image>" if token == IMAGE_PLACEHOLDER else "<memory>"
+            out.append(click.style(name, fg="cyan") if color else name)
+            continue
+        labelled = label != IGNORE_INDEX
+        if labelled != span_labelled:
+            flush()
+            span, span_labelled = [], labelled
+        span.append(token)
+    flush()
+    return "".join(out)
+
+
+def contact_sheet(meta: dict, frames: list[bytes], thumb: int = 192, columns: int = 8) -> Image.Image:
+    """Frames in stored order (history, then current), each captioned with its role and frame index."""
+    roles = [("H", i) for i in meta.get("history_frames", [])] + [("C", i) for i in meta.get("current_frames", [])]
+    roles += [("?", -1)] * (len(frames) - len(roles))
+    rows = max(1, -(-len(frames) // columns))
+    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + 16)), (30, 30, 30))
+    draw = ImageDraw.Draw(sheet)
+    for n, (jpg, (role, index)) in enumerate(zip(frames, roles)):
+        x, y = (n % columns) * thumb, (n // columns) * (thumb + 16)
+        sheet.paste(Image.open(io.BytesIO(jpg)).convert("RGB").resize((thumb, thumb)), (x, y + 16))
+        caption = f"{'history' if role == 'H' else 'current'} frame {index}" if role != "?" else "frame"
+        draw.text((x + 4, y + 2), caption, fill=(255, 200, 80) if role == "H" else (120, 220, 255))
+    return sheet
+
+
+def show_sample(task: Path, key: str, tok, sheet_path: Path | None, color: bool = True) -> str:
+    row, members = find_sample(task, key)
+    meta = json.loads(members["json"])
+    input_ids = np.load(io.BytesIO(members["input_ids.npy"]), allow_pickle=False)
+    labels = np.load(io.BytesIO(members["labels.npy"]), allow_pickle=False)
+    frames = [members[k] for k in sorted(k for k in members if k.endswith(".jpg"))]
+    lines = [f"{key}  ({row['shard']} @ {row['offset']}, {row['size']} bytes)"]
+    lines += [f"  {k}: {v}" for k, v in meta.items() if k not in ("key",)]
+    lines.append(f"\n--- dialogue ({len(input_ids)} tokens, {int((labels != IGNORE_INDEX).sum())} labelled"
+                 f"{', labelled spans in green' if color else ', labelled spans in [[ ]]'}) ---")
+    lines.append(render_dialogue(tok, input_ids, labels, color))
+    if sheet_path is not None:
+        contact_sheet(meta, frames).save(sheet_path)
+        lines.append(f"contact sheet of {len(frames)} frames: {sheet_path}")
+    return "\n".join(lines)
+
+
+def verify(task: Path) -> list[str]:
+    """Re-read every shard: sha256, sample count, every member parses, index offsets match. [] = all good."""
+    manifest = load_manifest(task)
+    index = pq.read_table(task / "index.parquet").to_pylist()
+    by_shard: dict[str, list[dict]] = {}
+    for row in index:
+        by_shard.setdefault(row["shard"], []).append(row)
+    problems = []
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            path = task / shard["shard"]
+            if not path.exists():
+                problems.append(f"{path}: missing")
+                continue
+            if sha256_file(path) != shard["sha256"]:
+                problems.append(f"{path}: sha256 differs from manifest")
+            problems += _verify_members(path, shard["samples"], by_shard.get(shard["shard"], []))
+    return problems
+
+
+def _verify_members(path: Path, expected: int, rows: list[dict]) -> list[str]:
+    problems, keys = [], set()
+    offsets = {row["key"]: row for row in rows}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                keys.add(key)
+                if key in offsets and ext == "json" and info.offset != offsets[key]["offset"]:
+                    problems.append(f"{path}: {key} index offset {offsets[key]['offset']} != {info.offset}")
+                data = tar.extractfile(info).read() if info.isfile() else None
+                problems += [f"{path}: {info.name}: {p}" for p in _check_member(ext, data)]
+    except (tarfile.TarError, OSError) as e:
+        return [f"{path}: unreadable tar: {e}"]
+    if len(keys) != expected or len(rows) != expected:
+        problems.append(f"{path}: {len(keys)} samples in tar, {len(rows)} in index, {expected} in manifest")
+    return problems
+
+
+def _check_member(ext: str, data: bytes | None) -> list[str]:
+    if data is None:
+        return ["not a regular file"]
+    try:
+        if ext == "json":
+            json.loads(data)
+        elif ext.endswith(".npy"):
+            np.load(io.BytesIO(data), allow_pickle=False)
+        elif ext.endswith(".jpg"):
+            Image.open(io.BytesIO(data)).load()
+        else:
+            return [f"unexpected member type .{ext}"]
+    except Exception as e:  # any parse failure is a finding, not a crash of the verifier
+        return [f"does not parse: {e}"]
+    return []

@@ -1,0 +1,1 @@
+"""StreamVLN runtime: streams shards written by `pipeline` into the model (loader, model, trainer)."""
