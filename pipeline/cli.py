@@ -82,7 +82,7 @@ def nav(sources, tokenizer_path, out, config_path, workers, part, num_parts, ove
         cfg = load_config(NavShardConfig, config_path, options)
         summary = run_nav(sources, out, cfg, tokenizer_path, workers=workers, part=part, num_parts=num_parts,
                           overwrite=overwrite, progress=not quiet)
-    except (ConfigError, AnnotationError, PlanMismatch, ValueError) as e:
+    except (ConfigError, AnnotationError, PlanMismatch, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_summary(summary))
 

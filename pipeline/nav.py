@@ -190,8 +190,8 @@ def write_shard(out: Path, shard_id: int, episodes: list[Episode], cfg: NavShard
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, cfg: NavShardConfig, out: Path):
-    tok = load_tokenizer(tokenizer_path)
+def _init_worker(tokenizer_path: str, cfg: NavShardConfig, out: Path, tok=None):
+    tok = tok if tok is not None else load_tokenizer(tokenizer_path)
     _worker.update(tok=tok, ids=TokenIds.of(tok), cfg=cfg, out=out)
 
 
@@ -216,13 +216,15 @@ def run_nav(sources: list[str | Path], out_root: str | Path, cfg: NavShardConfig
     bar = tqdm(total=len(jobs), unit="shard", desc=f"nav {cfg.split} part {part}/{num_parts}", disable=not progress)
     written = []
     if workers <= 1:
-        _init_worker(str(tokenizer_path), cfg, out)
+        _init_worker(str(tokenizer_path), cfg, out, tok)
         for job in jobs:
             written.append(_run_job(job))
             bar.update()
     else:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), cfg, out)) as pool:
+        # fork: workers inherit the loaded tokenizer instead of re-importing transformers (seconds each).
+        # The tokenizer's own thread pool must not have started before the fork, hence the variable.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        with mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_path), cfg, out, tok)) as pool:
             for stats in pool.imap_unordered(_run_job, jobs):
                 written.append(stats)
                 bar.update()

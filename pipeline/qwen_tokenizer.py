@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, Qwen2Tokenizer
@@ -71,8 +70,7 @@ def load_tokenizer(path: str | Path):
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """sha256 of the vocabulary and added tokens: equal fingerprints tokenise identically."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
-    h.update(tok.backend_tokenizer.to_str().encode())  # merges, normaliser, pre-tokeniser
-    return h.hexdigest()
+    """sha256 of the serialised backend (vocabulary, merges, added tokens, normaliser, pre-tokeniser).
+
+    Equal fingerprints tokenise identically."""
+    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()

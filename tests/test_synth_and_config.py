@@ -1,0 +1,87 @@
+"""Demo data generator (format, determinism, learnable signal) and the strict YAML configs."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, NavShardConfig, dump_config, load_config
+from pipeline.frames import FORWARD, LEFT, RIGHT
+from pipeline.nav import run_nav
+from pipeline.synth import COLOURS, write_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    write_demo(out, episodes=6, val_episodes=2, seed=3, width=160, height=120)
+    return out
+
+
+def test_demo_is_in_streamvln_format(demo):
+    for source in ("R2R", "RxR", "val/R2R", "val/RxR"):
+        episodes = json.loads((demo / source / "annotations.json").read_text())
+        for ep in episodes:
+            assert ep["actions"][0] == -1 and set(ep["actions"][1:]) <= {0, 1, 2, 3}
+            frames = sorted((demo / source / ep["video"] / "rgb").iterdir())
+            assert [f.name for f in frames] == [f"{i:03d}.jpg" for i in range(1, len(ep["actions"]) + 1)]
+            assert isinstance(ep["instructions"], list) and all(ep["instructions"])
+    r2r = json.loads((demo / "R2R" / "annotations.json").read_text())
+    assert all(len(ep["instructions"]) == 3 for ep in r2r)  # R2R-like: three paraphrases
+    train_ids = {ep["id"] for ep in r2r}
+    assert not train_ids & {ep["id"] for ep in json.loads((demo / "val/R2R/annotations.json").read_text())}
+
+
+def test_demo_is_deterministic(demo, tmp_path):
+    write_demo(tmp_path, episodes=6, val_episodes=2, seed=3, width=160, height=120)
+    for path in sorted(demo.rglob("*")):
+        if path.is_file():
+            assert (tmp_path / path.relative_to(demo)).read_bytes() == path.read_bytes(), path
+
+
+def test_expert_action_is_visible_and_depends_on_the_instruction(demo):
+    agree = total = 0
+    for source in ("R2R", "RxR"):
+        for ep in json.loads((demo / source / "annotations.json").read_text()):
+            colour = re.search(r"the (\w+) (pillar|column)", ep["instructions"][0]).group(1)
+            for t, action in enumerate(ep["actions"][1:]):
+                img = np.asarray(Image.open(demo / source / ep["video"] / "rgb" / f"{t + 1:03d}.jpg")).astype(int)
+                mask = np.abs(img - np.array(COLOURS[colour])).max(axis=2) < 40
+                if not mask.any():
+                    continue
+                offset = np.nonzero(mask)[1].mean() / img.shape[1] - 0.5
+                expected = {LEFT: offset < -0.03, RIGHT: offset > 0.03, FORWARD: abs(offset) < 0.1}[action]
+                agree += expected
+                total += 1
+    assert total > 50 and agree / total > 0.9
+
+
+def test_demo_shards_without_rejects(demo, tokenizer_dir, tmp_path):
+    cfg = NavShardConfig(image_size=64)
+    summary = run_nav([demo / "R2R", demo / "RxR"], tmp_path, cfg, tokenizer_dir, progress=False)
+    assert summary["manifest"]["counts"]["episodes_rejected"] == 0
+    assert summary["manifest"]["counts"]["episodes_written"] == 12
+
+
+def test_config_loading_is_strict(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_frames: 16\nremove_init_turns: true\n")
+    cfg = load_config(NavShardConfig, path, {"num_history": 4, "seed": None})
+    assert (cfg.num_frames, cfg.remove_init_turns, cfg.num_history, cfg.seed) == (16, True, 4, 0)
+    assert load_config(NavShardConfig, None) == NavShardConfig()
+    assert load_config(NavShardConfig, "configs/shards/nav.yaml") == NavShardConfig()  # file = defaults
+    for text, message in [
+        ("num_frame: 16\n", "unknown key"),
+        ("num_frames: '16'\n", "expected int"),
+        ("num_frames: true\n", "expected int"),
+        ("remove_init_turns: 1\n", "expected bool"),
+        ("num_frames: 0\n", "num_frames must be >= 1"),
+        ("history_mode: fancy\n", "history_mode must be"),
+        ("- 1\n", "top level must be a mapping"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(NavShardConfig, path)
+    assert "num_frames: 32" in dump_config(NavShardConfig())
