@@ -19,7 +19,7 @@ from .config import NavShardConfig
 from .dialogue import nav_dialogue
 from .frames import Chunk, plan_chunks, skip_reason
 from .images import FrameError, resize_frame
-from .qwen_tokenizer import load_tokenizer, tokenizer_fingerprint
+from .qwen_tokenizer import load_tokenizer, tokenizer_info
 from .reader import AnnotationError, Episode, Reject, list_frames, read_source
 from .shard_writer import SCHEMA_VERSION, ShardWriter, json_bytes, npy_bytes, sha256_file, write_json_atomic
 from .tokens import IGNORE_INDEX, TokenIds, tokenize_dialogue
@@ -112,7 +112,7 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
 # ---------------------------------------------------------------- planning
 
 
-def plan_nav(sources: list[Path], cfg: NavShardConfig, tokenizer_fp: str) -> tuple[dict, list[list[Episode]]]:
+def plan_nav(sources: list[Path], cfg: NavShardConfig, tokenizer: dict) -> tuple[dict, list[list[Episode]]]:
     """Read every annotation file, reject what can be rejected without images, group episodes into shards.
 
     A shard holds whole episodes and closes once its planned samples reach samples_per_shard, so
@@ -147,7 +147,7 @@ def plan_nav(sources: list[Path], cfg: NavShardConfig, tokenizer_fp: str) -> tup
         counts.update(c)
     plan = {
         "task": TASK, "split": cfg.split, "schema_version": SCHEMA_VERSION, "options": asdict(cfg),
-        "sources": source_info, "tokenizer": {"fingerprint": tokenizer_fp}, "num_shards": len(groups),
+        "sources": source_info, "tokenizer": tokenizer, "num_shards": len(groups),
         "shard_episodes": [len(g) for g in groups],
         "planning": {"counts": {k: counts[k] for k in task_dir.COUNT_KEYS}, "per_source": per_source,
                      "rejects": [r.to_json() for r in rejects]},
@@ -208,7 +208,7 @@ def run_nav(sources: list[str | Path], out_root: str | Path, cfg: NavShardConfig
         raise ValueError(f"--part must be in 0..{num_parts - 1}, got {part}")
     out = Path(out_root) / TASK
     tok = load_tokenizer(tokenizer_path)
-    plan, groups = plan_nav([Path(s) for s in sources], cfg, tokenizer_fingerprint(tok))
+    plan, groups = plan_nav([Path(s) for s in sources], cfg, tokenizer_info(tok))
     task_dir.commit_plan(out, plan, overwrite)
     mine = [i for i in range(len(groups)) if i % num_parts == part]
     pending = task_dir.pending_shards(out, cfg.split, mine)

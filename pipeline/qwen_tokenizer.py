@@ -74,3 +74,8 @@ def tokenizer_fingerprint(tok) -> str:
 
     Equal fingerprints tokenise identically."""
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def tokenizer_info(tok) -> dict:
+    """What a shard set records about its tokenizer: the loader needs the pad id, the model the size."""
+    return {"fingerprint": tokenizer_fingerprint(tok), "pad_token_id": tok.pad_token_id, "vocab_size": len(tok)}

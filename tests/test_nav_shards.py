@@ -45,6 +45,7 @@ def test_writes_readable_shards_with_index_and_manifest(tiny_sources, small_cfg,
     assert summary["manifest"]["counts"] == manifest["counts"]
     assert len(manifest["shards"]) > 1 and sum(s["samples"] for s in manifest["shards"]) == total
     assert manifest["options"]["image_size"] == 32 and manifest["tokenizer"]["fingerprint"]
+    assert manifest["tokenizer"]["pad_token_id"] == 151643 and manifest["tokenizer"]["vocab_size"] == 151648
 
     # a plain webdataset reader sees every sample with all its members
     urls = [str(task / s["shard"]) for s in manifest["shards"]]

@@ -51,7 +51,7 @@ def main():
         print(f"floor (decode+resize+encode only, 1 process): {n_frames} frames in {floor:.2f}s = "
               f"{n_frames / floor:.0f} frames/s")
         tok = load_tokenizer(tokenizer)
-        _, groups = plan_nav(sources, cfg, "bench")
+        _, groups = plan_nav(sources, cfg, {})
         (work / "steady").mkdir()
         start = time.perf_counter()
         stats = [write_shard(work / "steady", i, g, cfg, tok, TokenIds.of(tok)) for i, g in enumerate(groups)]
