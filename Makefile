@@ -56,6 +56,7 @@ test: install tokenizer  ## run the test suite (installs what it needs)
 
 bench: install tokenizer  ## benchmarks: print throughput numbers (not tests)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_shards.py
+	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_loader.py
 
 clean:  ## remove generated data and shards (keeps .venv and build/)
 	rm -rf $(DEMO) shards/nav shards/peek-example.png

@@ -11,14 +11,18 @@ from streamvln.data.decode import (FrameDecodeError, adjust_brightness, adjust_s
                                    autocontrast, decode_jpeg, normalize_, posterize)
 
 
+def near(a, b):
+    """OpenCV rounds where torchvision truncates: equal within one level."""
+    return np.abs(a.astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
 def test_brightness_and_saturation():
     img = np.array([[[100, 150, 200], [250, 10, 0]]], dtype=np.uint8)
     assert adjust_brightness(img, 1.2).tolist() == [[[120, 180, 240], [255, 12, 0]]]
-    gray = np.floor(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
-    assert gray.tolist() == [[140, 80]]
-    want = np.clip(0.5 * img + 0.5 * gray[..., None], 0, 255).astype(np.uint8)
-    assert adjust_saturation(img, 0.5).tolist() == want.tolist()
-    assert (adjust_saturation(img, 0.0) == gray[..., None]).all()  # factor 0: greyscale
+    gray = img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert near(adjust_saturation(img, 0.0), np.repeat(gray[..., None], 3, axis=2))  # factor 0: greyscale
+    assert near(adjust_saturation(img, 0.5), np.clip(0.5 * img + 0.5 * gray[..., None], 0, 255))
+    assert near(adjust_saturation(img, 1.5), np.clip(1.5 * img - 0.5 * gray[..., None], 0, 255))
 
 
 def test_posterize_keeps_the_top_four_bits():
@@ -39,10 +43,11 @@ def test_sharpness_keeps_the_border_and_sharpens_the_inside():
     img[2, 2] = 200
     out = adjust_sharpness(img, 1.5)
     assert (out[0] == 100).all() and (out[:, 0] == 100).all()
-    blurred_centre = round((8 * 100 + 5 * 200) / 13)
-    assert out[2, 2, 0] == min(255, int(1.5 * 200 - 0.5 * blurred_centre))
-    blurred_next = round((7 * 100 + 200 + 5 * 100) / 13)
-    assert out[2, 1, 0] == int(1.5 * 100 - 0.5 * blurred_next)
+    blurred_centre = (8 * 100 + 5 * 200) / 13
+    assert near(out[2, 2, 0], min(255, 1.5 * 200 - 0.5 * blurred_centre))
+    blurred_next = (7 * 100 + 200 + 5 * 100) / 13
+    assert near(out[2, 1, 0], 1.5 * 100 - 0.5 * blurred_next)
+    assert out[2, 1, 0] < 100 < out[2, 2, 0] - 50  # the bright spot got brighter, its neighbour darker
 
 
 def test_augment_is_seeded_and_varies():
