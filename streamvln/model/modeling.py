@@ -1,0 +1,161 @@
+"""Model: SigLIP frames -> mlp2x_gelu projector -> 2D pooling, placed into a Qwen2 language model.
+
+Built from transformers' own Qwen2Model and SiglipVisionModel; module names follow the LLaVA-Video
+checkpoint layout (model.vision_tower.vision_tower.vision_model.*, model.mm_projector.{0,2}.*,
+model.image_newline, lm_head.*), so those checkpoints load with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2Model, Qwen2PreTrainedModel, SiglipVisionModel
+
+from pipeline.tokens import IGNORE_INDEX, IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
+from streamvln.data.decode import normalize_
+
+from .config import StreamVLNConfig
+
+
+class _SiglipHolder(nn.Module):
+    """Gives the SigLIP weights the `vision_tower.vision_model.*` names LLaVA checkpoints use."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.vision_model = SiglipVisionModel(config)
+
+
+class VisionTower(nn.Module):
+    """SigLIP without its head; features of the last kept layer, before post_layernorm (LLaVA's choice)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.vision_tower = _SiglipHolder(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vision = self.vision_tower.vision_model
+        return vision.encoder(inputs_embeds=vision.embeddings(pixel_values)).last_hidden_state
+
+
+class StreamVLNModel(Qwen2Model):
+    """The Qwen2 decoder with the vision tower and projector beside it (the checkpoint's `model.*`)."""
+
+    def __init__(self, config: StreamVLNConfig):
+        super().__init__(config)
+        self.vision_tower = VisionTower(config.vision_tower_config())
+        self.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, config.hidden_size), nn.GELU(),
+                                          nn.Linear(config.hidden_size, config.hidden_size))
+        # Present in LLaVA-Video checkpoints (its image-grid path); StreamVLN's frame path does not use it.
+        self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+
+
+def pool_frames(features: torch.Tensor, mode: str, stride: int) -> torch.Tensor:
+    """[N, P*P, D] patch features -> [N, tokens, D]: bilinear to ceil(P/stride) per side, or avg/max pooling."""
+    n, patches, dim = features.shape
+    side = math.isqrt(patches)
+    grid = features.view(n, side, side, dim).permute(0, 3, 1, 2)
+    if mode == "bilinear":
+        size = math.ceil(side / stride)
+        grid = F.interpolate(grid, size=(size, size), mode="bilinear")
+    elif mode == "average":
+        grid = F.avg_pool2d(grid, stride)
+    else:
+        grid = F.max_pool2d(grid, stride)
+    return grid.flatten(2).transpose(1, 2)
+
+
+class StreamVLNForCausalLM(Qwen2PreTrainedModel):
+    config_class = StreamVLNConfig
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer"]
+
+    def __init__(self, config: StreamVLNConfig):
+        super().__init__(config)
+        self.model = StreamVLNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ------------------------------------------------------------------ vision
+
+    def encode_frames(self, images: torch.Tensor, n_images: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, its frames as pooled visual tokens [n_images_i, tokens, D]; padding frames skipped."""
+        frames = torch.cat([images[i, :n] for i, n in enumerate(n_images.tolist())])
+        if frames.dtype == torch.uint8:  # uint8 batches are normalised here, on the device
+            frames = normalize_(frames)
+        vision = self.model.vision_tower
+        frames = frames.to(next(vision.parameters()).dtype)
+        features = self.model.mm_projector(vision(frames))
+        pooled = pool_frames(features, self.config.mm_spatial_pool_mode, self.config.mm_spatial_pool_stride)
+        return list(pooled.split(n_images.tolist()))
+
+    def embed_multimodal(self, input_ids, labels, attention_mask, images, n_images, n_history):
+        """Replace <memory> by all history tokens and each <image> by one current frame's tokens.
+
+        Returns right-padded inputs_embeds, labels (-100 at visual positions) and attention mask.
+        The placement is driven by the batch's n_history/n_images, so any history length works.
+        """
+        embed = self.model.embed_tokens
+        text = embed(input_ids.clamp(min=0))
+        visual = self.encode_frames(images, n_images) if images is not None and int(n_images.sum()) else None
+        rows, row_labels = [], []
+        for i in range(input_ids.shape[0]):
+            keep = attention_mask[i]
+            ids, lab, emb = input_ids[i][keep], labels[i][keep], text[i][keep]
+            frames = visual[i] if visual is not None else text.new_zeros((0, 0, text.shape[-1]))
+            h = int(n_history[i])
+            history, current = frames[:h].reshape(-1, text.shape[-1]), list(frames[h:])
+            n_img, n_mem = int((ids == IMAGE_PLACEHOLDER).sum()), int((ids == MEMORY_PLACEHOLDER).sum())
+            if n_img != len(current) or n_mem != (1 if h else 0):
+                raise ValueError(f"sample {i}: {n_img} <image> and {n_mem} <memory> placeholders for "
+                                 f"{len(current)} current and {h} history frames")
+            pieces, piece_labels, start = [], [], 0
+            for pos in torch.nonzero(ids < 0).flatten().tolist():
+                if ids[pos] == IGNORE_INDEX:
+                    continue
+                pieces.append(emb[start:pos])
+                piece_labels.append(lab[start:pos])
+                vis = history if ids[pos] == MEMORY_PLACEHOLDER else current.pop(0)
+                pieces.append(vis.to(emb.dtype))
+                piece_labels.append(lab.new_full((vis.shape[0],), IGNORE_INDEX))
+                start = pos + 1
+            pieces.append(emb[start:])
+            piece_labels.append(lab[start:])
+            rows.append(torch.cat(pieces))
+            row_labels.append(torch.cat(piece_labels))
+        length = max(r.shape[0] for r in rows)
+        embeds = text.new_zeros((len(rows), length, text.shape[-1]))
+        out_labels = labels.new_full((len(rows), length), IGNORE_INDEX)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool, device=text.device)
+        for i, (r, lab) in enumerate(zip(rows, row_labels)):
+            embeds[i, : r.shape[0]], out_labels[i, : r.shape[0]], mask[i, : r.shape[0]] = r, lab, True
+        return embeds, out_labels, mask
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids, labels, attention_mask, images=None, n_images=None, n_history=None,
+                full_logits: bool = False, **_batch_extras) -> dict:
+        """Loss over labelled positions. The LM head runs only where a label exists (full_logits=True
+        computes all logits, as the reference, for comparison): at 32K positions x 152K vocabulary the
+        full logits are ~10 GB in bf16 per sample."""
+        embeds, labels, mask = self.embed_multimodal(input_ids, labels, attention_mask, images, n_images, n_history)
+        hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        targets = labels[:, 1:]
+        if full_logits:
+            logits = self.lm_head(hidden[:, :-1]).float()
+            token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+            labelled = targets != IGNORE_INDEX
+            token_loss = token_loss[labelled]
+            predictions = logits.argmax(-1)[labelled]
+        else:
+            labelled = targets != IGNORE_INDEX
+            logits = self.lm_head(hidden[:, :-1][labelled]).float()
+            token_loss = F.cross_entropy(logits, targets[labelled], reduction="none")
+            predictions = logits.argmax(-1)
+        sample_of_token = torch.nonzero(labelled)[:, 0]
+        per_sample = torch.zeros(len(labels), device=hidden.device).index_add(0, sample_of_token, token_loss.detach())
+        counts = torch.bincount(sample_of_token, minlength=len(labels))
+        return {"loss": token_loss.mean(), "sample_loss_sum": per_sample, "sample_tokens": counts,
+                "predictions": predictions, "targets": targets[labelled], "sample_of_token": sample_of_token}

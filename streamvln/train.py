@@ -1,0 +1,202 @@
+"""Train: stream shards through the loader into the model with a DeepSpeed engine (torchrun or single process)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+import deepspeed  # noqa: E402
+
+from . import checkpoint  # noqa: E402
+from .config import TrainConfig, load_train_config  # noqa: E402
+from .data import MixConfig, build_loader, load_mix  # noqa: E402
+from .evaluate import evaluate, format_report  # noqa: E402
+from .model.build import apply_lora, build_model, optimizer_groups, set_tunable_parts  # noqa: E402
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warmup, then cosine to 0 (cosine) or to min_lr (cosine_with_min_lr), as a factor of each group's lr."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    floor = cfg.min_lr / cfg.lr if cfg.scheduler == "cosine_with_min_lr" else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE; a plain `streamvln-train` is a world of one on a free local port."""
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device("cuda" if cuda else "cpu")
+
+
+def deepspeed_config(path: str | None, cfg: TrainConfig, mix: MixConfig, bf16: bool) -> dict:
+    """The JSON file's settings (configs/deepspeed/) with the run's batch, accumulation, clipping and precision."""
+    ds = json.loads(Path(path).read_text()) if path else {"zero_optimization": {"stage": cfg.zero_stage}}
+    ds.update(train_micro_batch_size_per_gpu=mix.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+              gradient_clipping=cfg.max_grad_norm, bf16={"enabled": bf16}, steps_per_print=10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW: no JIT-built optimizer op
+    return ds
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Metrics:
+    """Accumulates one optimizer step's losses per task, tokens and data-wait time; writes metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, task_names: list[str], rank: int, tensorboard: bool):
+        self.names, self.rank = task_names, rank
+        self.file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+        self.tb = None
+        if tensorboard and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        self.reset()
+
+    def reset(self):
+        self.loss_sum, self.loss_tokens = defaultdict(float), defaultdict(int)
+        self.samples = self.tokens = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, batch: dict, out: dict, wait: float):
+        for mix_id, loss, n in zip(batch["mix_ids"].tolist(), out["sample_loss_sum"].tolist(), out["sample_tokens"].tolist()):
+            self.loss_sum[self.names[mix_id]] += loss
+            self.loss_tokens[self.names[mix_id]] += n
+        self.samples += len(batch["mix_ids"])
+        self.tokens += int(batch["attention_mask"].sum())
+        self.wait += wait
+
+    def write(self, step: int, lr: float, world_size: int, extra: dict | None = None) -> dict:
+        elapsed = time.perf_counter() - self.start
+        total = sum(self.loss_tokens.values())
+        row = {"step": step, "loss": sum(self.loss_sum.values()) / max(1, total), "lr": lr,
+               "loss_per_task": {t: self.loss_sum[t] / self.loss_tokens[t] for t in sorted(self.loss_tokens)},
+               "samples_per_s": self.samples * world_size / elapsed, "tokens_per_s": self.tokens * world_size / elapsed,
+               "data_wait_share": self.wait / elapsed, **(extra or {})}
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.tb:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        self.reset()
+        return row
+
+
+def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str | None = None, resume: bool = False) -> dict:
+    # ------------------------------------------------------------ load
+    rank, world_size, device = init_distributed()
+    torch.manual_seed(cfg.seed)
+    bf16 = cfg.bf16 and device.type == "cuda"
+    model = build_model(cfg.model_config, cfg.checkpoint)
+    set_tunable_parts(model, cfg.mm_tunable_parts)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora)
+    loader = build_loader(mix, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+                          pin_memory=device.type == "cuda")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * loader.batches_per_epoch / cfg.grad_accum)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.lr, cfg.vision_lr, cfg.projector_lr, cfg.weight_decay),
+                                  betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(ds_config_path, cfg, mix, bf16))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "mix": asdict(mix)}, indent=1) + "\n")
+    ckpt_dir, step = out_dir / "checkpoints", 0
+    if resume and (found := checkpoint.latest(ckpt_dir)) is not None:
+        tag, state = found
+        loader.load_state_dict(state["loader"])  # first: refuses another world size or mix, saying why
+        checkpoint.load_engine(engine, ckpt_dir, tag)
+        step = state["step"]
+    names = [t.name for t in mix.tasks]
+    metrics = Metrics(out_dir, names, rank, cfg.tensorboard)
+    eval_mix = load_mix(cfg.eval_shards, finite=True, batch_size=mix.batch_size) if cfg.eval_shards else None
+    result = {}
+
+    # ------------------------------------------------------------ loop
+    micro, waited = 0, time.perf_counter()
+    for batch in loader:
+        wait = time.perf_counter() - waited
+        out = engine(**to_device(batch, device))  # step: forward, backward, optimizer (every grad_accum)
+        engine.backward(out["loss"])
+        engine.step()
+        metrics.add(batch, out, wait)
+        micro += 1
+        if micro % cfg.grad_accum:
+            waited = time.perf_counter()
+            continue
+        step += 1
+        if step % cfg.log_every == 0 or step == total_steps:  # log
+            row = metrics.write(step, scheduler.get_last_lr()[0], world_size, {"skipped_samples": loader.skipped})
+            if rank == 0:
+                click.echo(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                           f"{row['samples_per_s']:.1f} samples/s data wait {row['data_wait_share']:.0%}")
+        if step % cfg.save_every == 0 or step == total_steps:  # save
+            checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict(),
+                                                     "config": {"train": asdict(cfg), "mix": asdict(mix)}},
+                            cfg.keep_checkpoints)
+        if eval_mix and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):  # eval
+            result = evaluate(engine.module, build_loader(eval_mix, rank=rank, world_size=world_size), names,
+                              cfg.eval_batches, device)
+            metrics.write(step, scheduler.get_last_lr()[0], world_size, {"eval": result})
+            if rank == 0:
+                click.echo(format_report(result))
+        if step >= total_steps:
+            break
+        waited = time.perf_counter()
+
+    # ------------------------------------------------------------ export
+    if rank == 0:
+        checkpoint.export(engine.module, out_dir / "final", tokenizer=cfg.tokenizer, train_config=cfg, mix_config=mix)
+    torch.distributed.barrier()
+    return {"step": step, "eval": result, "model": engine.module, "loader": loader}
+
+
+@click.command()
+@click.option("--shards", "mix_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Data-mix YAML (configs/data/*.yaml).")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Train YAML (configs/train/*.yaml).")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--deepspeed", "ds_config", type=click.Path(dir_okay=False, exists=True),
+              help="DeepSpeed JSON (configs/deepspeed/zero2.json or zero3.json) [ZeRO stage from the train config].")
+@click.option("--resume", is_flag=True, help="Continue exactly from the newest checkpoint in the run folder.")
+@click.option("--max-steps", type=int, help="Override max_steps.")
+def main(mix_path, config_path, output_dir, ds_config, resume, max_steps):
+    """Train a StreamVLN model on shards; `torchrun -m streamvln.train` for several processes."""
+    cfg = load_train_config(config_path, max_steps=max_steps)
+    train(cfg, load_mix(mix_path), Path(output_dir), ds_config, resume)
+
+
+if __name__ == "__main__":
+    main()
