@@ -44,19 +44,23 @@ shards: tokenizer demo-data  ## write shards/nav (train and val splits) from the
 	$(BIN)/streamvln-shards nav $(SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --quiet
 	$(BIN)/streamvln-shards nav $(VAL_SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --split val --quiet
 
-demo: shards  ## fresh machine to shards: install, tokenizer, demo data, shards, then peek at them
+demo: shards  ## fresh machine to a trained model: install, tokenizer, data, shards, peek, train, evaluate
 	tools/peek shards/nav
 	tools/peek shards/nav --verify
 	tools/peek shards/nav --tokenizer $(TOKENIZER) --no-color \
 		--sample $$($(PY) -c "import pyarrow.parquet as pq; t = pq.read_table('shards/nav/index.parquet').to_pylist(); print(next(r['key'] for r in t if r['n_history']))") \
 		--sheet shards/peek-example.png
+	rm -rf runs/demo
+	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo.yaml --output-dir runs/demo
+	$(BIN)/streamvln-eval --checkpoint runs/demo/final --shards configs/data/demo_val.yaml --out runs/demo/eval.json
 
 test: install tokenizer  ## run the test suite (installs what it needs)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
 
-bench: install tokenizer  ## benchmarks: print throughput numbers (not tests)
+bench: install tokenizer shards  ## benchmarks: print throughput and memory numbers (not tests)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_shards.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_loader.py
+	$(PY) tests/bench/bench_train.py
 
-clean:  ## remove generated data and shards (keeps .venv and build/)
-	rm -rf $(DEMO) shards/nav shards/peek-example.png
+clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
+	rm -rf $(DEMO) shards/nav shards/peek-example.png runs/demo

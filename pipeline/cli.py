@@ -34,8 +34,8 @@ def tokenizer(tiktoken_file, out):
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--episodes", default=40, show_default=True, help="Training episodes per source.")
-@click.option("--val-episodes", default=10, show_default=True, help="Held-out episodes per source, under val/.")
+@click.option("--episodes", default=150, show_default=True, help="Training episodes per source.")
+@click.option("--val-episodes", default=20, show_default=True, help="Held-out episodes per source, under val/.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--width", default=640, show_default=True)
 @click.option("--height", default=480, show_default=True)

@@ -1,10 +1,11 @@
 """Demo data: a small procedural world written in the exact StreamVLN trajectory format.
 
 Coloured pillars stand on a floor; the instruction names one of them. The expert turns 15 degrees
-at a time until the named pillar is centred, walks 25 cm at a time toward it and stops once it is
-close. The camera sees 180 degrees (an equiangular projection), so the pillar named is always in
-view: the right action is visible in the frame, and it depends on the instruction, since another
-pillar would call for another action.
+at a time until the named pillar is centred, then walks 25 cm at a time straight toward it and stops
+once it is close (or once a step would lead away from it). The camera sees all around (an equiangular
+360-degree panorama, straight ahead in the middle), so the pillar named is always in view: the right
+action is visible in the frame, and it depends on the instruction, since another pillar would call
+for another action.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ COLOURS = {
     "white": (245, 245, 245),
     "black": (25, 25, 25),
 }
-STEP_M, TURN_DEG, STOP_M, ALIGN_DEG = 0.25, 15.0, 0.75, 7.5
+STEP_M, TURN_DEG, STOP_M, ALIGN_DEG = 0.25, 15.0, 1.0, 7.5
 MAX_STEPS = 200
 
 R2R_TEMPLATES = (
@@ -64,25 +65,30 @@ def expert_episode(rng: np.random.Generator, num_pillars: int):
     heading = 0.0
     pillars = []
     for _ in range(num_pillars):
-        bearing = math.radians(rng.uniform(-80, 80))
-        dist = rng.uniform(2.0, 9.0)
+        bearing = math.radians(rng.uniform(-180, 180))
+        dist = rng.uniform(1.5, 7.5)
         pillars.append((dist * math.cos(bearing), dist * math.sin(bearing)))
     goal = int(rng.integers(num_pillars))
     x, y = 0.0, 0.0
     states, actions = [], []
+    walking = False
     for _ in range(MAX_STEPS):
         states.append((x, y, heading))
         gx, gy = pillars[goal]
         delta = _wrap(math.degrees(math.atan2(gy - y, gx - x)) - heading)
-        if abs(delta) > ALIGN_DEG:
+        dist = math.hypot(gx - x, gy - y)
+        ahead = math.hypot(gx - x - STEP_M * math.cos(math.radians(heading)),
+                           gy - y - STEP_M * math.sin(math.radians(heading)))
+        # Turn until the goal is centred, then walk straight (no re-aiming, whose small corrections
+        # would hinge on a pixel or two) and stop once close or once a step would lead away from it.
+        if not walking and abs(delta) > ALIGN_DEG:
             action = LEFT if delta > 0 else RIGHT
             heading = _wrap(heading + (TURN_DEG if action == LEFT else -TURN_DEG))
-        elif math.hypot(gx - x, gy - y) > STOP_M:
-            action = FORWARD
+        elif dist > STOP_M and ahead < dist:
+            walking, action = True, FORWARD
             x, y = x + STEP_M * math.cos(math.radians(heading)), y + STEP_M * math.sin(math.radians(heading))
         else:
-            action = STOP
-            break
+            break  # STOP: not recorded, the reference appends it after the last frame
         actions.append(action)
     return list(colours), pillars, goal, states, actions
 
@@ -104,10 +110,8 @@ def render(state, pillars, colours, style: SourceStyle, width: int, height: int,
         px, py = pillars[i]
         dist = max(math.hypot(px - x, py - y), 0.2)
         delta = _wrap(math.degrees(math.atan2(py - y, px - x)) - heading)
-        if abs(delta) > 95:
-            continue
-        cx = width / 2 - delta / 90.0 * width / 2
-        half_w = max(1.0, 0.25 / dist * width / 4)
+        cx = width / 2 - delta / 180.0 * width / 2
+        half_w = max(1.0, 0.4 / dist * width / 4)
         top = horizon - 1.6 / dist * height / 3
         bottom = horizon + 0.6 / dist * height / 3
         x0, x1 = int(max(0, cx - half_w)), int(min(width, cx + half_w))
@@ -141,7 +145,7 @@ def write_source(out: Path, style: SourceStyle, episodes: int, seed: int, width:
     return frames
 
 
-def write_demo(out: str | Path, *, episodes: int = 40, val_episodes: int = 10, seed: int = 0,
+def write_demo(out: str | Path, *, episodes: int = 150, val_episodes: int = 20, seed: int = 0,
                width: int = 640, height: int = 480) -> dict:
     """<out>/<SOURCE> for training and <out>/val/<SOURCE> with held-out episodes, for each style."""
     out = Path(out)

@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(ds_config_path, cfg, mix, bf16))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "mix": asdict(mix)}, indent=1) + "\n")
+    (out_dir / "run_config.json").write_text(json.dumps({"train": asdict(cfg), "mix": asdict(mix)}, indent=1) + "\n")
     ckpt_dir, step = out_dir / "checkpoints", 0
     if resume and (found := checkpoint.latest(ckpt_dir)) is not None:
         tag, state = found
@@ -145,39 +145,43 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
 
     # ------------------------------------------------------------ loop
     micro, waited = 0, time.perf_counter()
-    for batch in loader:
-        wait = time.perf_counter() - waited
-        out = engine(**to_device(batch, device))  # step: forward, backward, optimizer (every grad_accum)
-        engine.backward(out["loss"])
-        engine.step()
-        metrics.add(batch, out, wait)
-        micro += 1
-        if micro % cfg.grad_accum:
+    while step < total_steps:  # a finite loader ends each epoch; the endless one never does
+        for batch in loader:
+            wait = time.perf_counter() - waited
+            out = engine(**to_device(batch, device))  # step: forward, backward, optimizer (every grad_accum)
+            engine.backward(out["loss"])
+            engine.step()
+            metrics.add(batch, out, wait)
+            micro += 1
+            if micro % cfg.grad_accum:
+                waited = time.perf_counter()
+                continue
+            step += 1
+            if step % cfg.log_every == 0 or step == total_steps:  # log
+                row = metrics.write(step, scheduler.get_last_lr()[0], world_size, {"skipped_samples": loader.skipped})
+                if rank == 0:
+                    click.echo(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                               f"{row['samples_per_s']:.1f} samples/s data wait {row['data_wait_share']:.0%}")
+            if step % cfg.save_every == 0 or step == total_steps:  # save
+                checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict(),
+                                                         "config": {"train": asdict(cfg), "mix": asdict(mix)}},
+                                cfg.keep_checkpoints)
+            if eval_mix and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):  # eval
+                result = evaluate(engine.module, build_loader(eval_mix, rank=rank, world_size=world_size), names,
+                                  cfg.eval_batches, device)
+                metrics.write(step, scheduler.get_last_lr()[0], world_size, {"eval": result})
+                if rank == 0:
+                    click.echo(format_report(result))
+            if step >= total_steps:
+                break
             waited = time.perf_counter()
-            continue
-        step += 1
-        if step % cfg.log_every == 0 or step == total_steps:  # log
-            row = metrics.write(step, scheduler.get_last_lr()[0], world_size, {"skipped_samples": loader.skipped})
-            if rank == 0:
-                click.echo(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                           f"{row['samples_per_s']:.1f} samples/s data wait {row['data_wait_share']:.0%}")
-        if step % cfg.save_every == 0 or step == total_steps:  # save
-            checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict(),
-                                                     "config": {"train": asdict(cfg), "mix": asdict(mix)}},
-                            cfg.keep_checkpoints)
-        if eval_mix and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):  # eval
-            result = evaluate(engine.module, build_loader(eval_mix, rank=rank, world_size=world_size), names,
-                              cfg.eval_batches, device)
-            metrics.write(step, scheduler.get_last_lr()[0], world_size, {"eval": result})
-            if rank == 0:
-                click.echo(format_report(result))
-        if step >= total_steps:
-            break
-        waited = time.perf_counter()
 
     # ------------------------------------------------------------ export
+    # ZeRO-3 partitions the weights: gather them (a collective, so on every rank) before rank 0 writes
+    full_state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
     if rank == 0:
-        checkpoint.export(engine.module, out_dir / "final", tokenizer=cfg.tokenizer, train_config=cfg, mix_config=mix)
+        checkpoint.export(engine.module, out_dir / "final", tokenizer=cfg.tokenizer, train_config=cfg, mix_config=mix,
+                          state_dict=full_state)
     torch.distributed.barrier()
     return {"step": step, "eval": result, "model": engine.module, "loader": loader}
 
