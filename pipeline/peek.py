@@ -131,7 +131,7 @@ def verify(task: Path) -> list[str]:
     for row in index:
         by_shard.setdefault(row["shard"], []).append(row)
     problems = []
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             path = task / shard["shard"]
             if not path.exists():

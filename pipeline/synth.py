@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .frames import FORWARD, LEFT, RIGHT, STOP
+from .frames import FORWARD, LEFT, RIGHT
 
 COLOURS = {
     "red": (220, 40, 40),

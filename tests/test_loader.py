@@ -1,6 +1,5 @@
 """The shard loader: exact resume, weights, rank balance and coverage, determinism, safety, corrupt data."""
 
-import io
 import json
 import pickle
 import tarfile

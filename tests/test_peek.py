@@ -1,7 +1,6 @@
 """tools/peek: summary, one sample's dialogue and contact sheet, and --verify catching damage."""
 
 import subprocess
-import sys
 
 import pytest
 from PIL import Image

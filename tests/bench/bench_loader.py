@@ -4,7 +4,6 @@ decode floor, on demo data at 384x384. Prints numbers; asserts nothing. Run with
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import resource
@@ -12,7 +11,6 @@ import shutil
 import sys
 import tempfile
 import time
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
