@@ -69,8 +69,8 @@ def to_device(batch: dict, device) -> dict:
 class Metrics:
     """Accumulates one optimizer step's losses per task, tokens and data-wait time; writes metrics.jsonl."""
 
-    def __init__(self, out_dir: Path, task_names: list[str], rank: int, tensorboard: bool):
-        self.names, self.rank = task_names, rank
+    def __init__(self, out_dir: Path, task_names: list[str], rank: int, tensorboard: bool, device):
+        self.names, self.rank, self.device = task_names, rank, device
         self.file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
         self.tb = None
         if tensorboard and rank == 0:
@@ -94,12 +94,20 @@ class Metrics:
         self.wait += wait
 
     def write(self, step: int, lr: float, world_size: int, extra: dict | None = None) -> dict:
+        """Sum this interval over all ranks (every rank logs at the same steps), then write on rank 0."""
         elapsed = time.perf_counter() - self.start
-        total = sum(self.loss_tokens.values())
-        row = {"step": step, "loss": sum(self.loss_sum.values()) / max(1, total), "lr": lr,
-               "loss_per_task": {t: self.loss_sum[t] / self.loss_tokens[t] for t in sorted(self.loss_tokens)},
-               "samples_per_s": self.samples * world_size / elapsed, "tokens_per_s": self.tokens * world_size / elapsed,
-               "data_wait_share": self.wait / elapsed, **(extra or {})}
+        totals = torch.tensor([*(self.loss_sum[t] for t in self.names), *(self.loss_tokens[t] for t in self.names),
+                               self.samples, self.tokens, self.wait], dtype=torch.float64, device=self.device)
+        if world_size > 1:
+            torch.distributed.all_reduce(totals)
+        n = len(self.names)
+        totals = totals.tolist()
+        losses, counts = totals[:n], totals[n : 2 * n]
+        samples, tokens, wait = totals[2 * n :]
+        row = {"step": step, "loss": sum(losses) / max(1.0, sum(counts)), "lr": lr,
+               "loss_per_task": {t: loss / c for t, loss, c in zip(self.names, losses, counts) if c},
+               "samples": int(samples), "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+               "data_wait_share": wait / world_size / elapsed, **(extra or {})}
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -139,7 +147,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
         checkpoint.load_engine(engine, ckpt_dir, tag)
         step = state["step"]
     names = [t.name for t in mix.tasks]
-    metrics = Metrics(out_dir, names, rank, cfg.tensorboard)
+    metrics = Metrics(out_dir, names, rank, cfg.tensorboard, device)
     eval_mix = load_mix(cfg.eval_shards, finite=True, batch_size=mix.batch_size) if cfg.eval_shards else None
     result = {}
 

@@ -102,6 +102,8 @@ def test_two_process_torchrun_then_single_process_resume_is_refused(run_files, t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "DIST-CHECK-OK" in result.stdout
     assert (out / "checkpoints" / "step-00000003").is_dir()
+    _, rows = losses(out)  # metrics are summed over the ranks: 2 ranks x batch 2 x accumulation 2
+    assert [r["samples"] for r in rows] == [8, 8, 8]
     refused = run("-m", "streamvln.train", "--shards", str(run_files / "mix.yaml"), "--config",
                   str(tmp_path / "train.yaml"), "--output-dir", str(out), "--resume", check=False)
     assert refused.returncode != 0
