@@ -112,9 +112,7 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
                 raise ValueError(f"sample {i}: {n_img} <image> and {n_mem} <memory> placeholders for "
                                  f"{len(current)} current and {h} history frames")
             pieces, piece_labels, start = [], [], 0
-            for pos in torch.nonzero(ids < 0).flatten().tolist():
-                if ids[pos] == IGNORE_INDEX:
-                    continue
+            for pos in torch.nonzero(ids < 0).flatten().tolist():  # the placeholders, in order
                 pieces.append(emb[start:pos])
                 piece_labels.append(lab[start:pos])
                 vis = history if ids[pos] == MEMORY_PLACEHOLDER else current.pop(0)
