@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 import torch
+from tqdm import tqdm
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
@@ -153,6 +154,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
 
     # ------------------------------------------------------------ loop
     micro, waited = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     while step < total_steps:  # a finite loader ends each epoch; the endless one never does
         for batch in loader:
             wait = time.perf_counter() - waited
@@ -165,11 +167,13 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
                 waited = time.perf_counter()
                 continue
             step += 1
+            bar.update()
             if step % cfg.log_every == 0 or step == total_steps:  # log
                 row = metrics.write(step, scheduler.get_last_lr()[0], world_size, {"skipped_samples": loader.skipped})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
                 if rank == 0:
-                    click.echo(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                               f"{row['samples_per_s']:.1f} samples/s data wait {row['data_wait_share']:.0%}")
+                    bar.write(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                              f"{row['samples_per_s']:.1f} samples/s data wait {row['data_wait_share']:.0%}")
             if step % cfg.save_every == 0 or step == total_steps:  # save
                 checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict(),
                                                          "config": {"train": asdict(cfg), "mix": asdict(mix)}},
@@ -179,10 +183,12 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
                                   cfg.eval_batches, device)
                 metrics.write(step, scheduler.get_last_lr()[0], world_size, {"eval": result})
                 if rank == 0:
-                    click.echo(format_report(result))
+                    bar.write(format_report(result))
             if step >= total_steps:
                 break
             waited = time.perf_counter()
+
+    bar.close()
 
     # ------------------------------------------------------------ export
     # ZeRO-3 partitions the weights: gather them (a collective, so on every rank) before rank 0 writes
