@@ -85,3 +85,25 @@ def test_config_loading_is_strict(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load_config(NavShardConfig, path)
     assert "num_frames: 32" in dump_config(NavShardConfig())
+
+
+def test_every_shipped_config_loads_strictly():
+    from pathlib import Path
+
+    import yaml
+
+    from streamvln.config import load_train_config
+    from streamvln.data import load_mix
+    from streamvln.model import StreamVLNConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for path in (root / "shards").glob("*.yaml"):
+        load_config(NavShardConfig, path)
+    for path in (root / "data").glob("*.yaml"):
+        assert load_mix(path).tasks
+    for path in (root / "train").glob("*.yaml"):
+        load_train_config(path)
+    for path in (root / "model").glob("*.yaml"):
+        StreamVLNConfig(**yaml.safe_load(path.read_text())).vision_tower_config()
+    for path in (root / "deepspeed").glob("*.json"):
+        assert json.loads(path.read_text())["zero_optimization"]["stage"] in (2, 3)
