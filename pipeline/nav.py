@@ -190,8 +190,7 @@ def write_shard(out: Path, shard_id: int, episodes: list[Episode], cfg: NavShard
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, cfg: NavShardConfig, out: Path, tok=None):
-    tok = tok if tok is not None else load_tokenizer(tokenizer_path)
+def _init_worker(tok, cfg: NavShardConfig, out: Path):
     _worker.update(tok=tok, ids=TokenIds.of(tok), cfg=cfg, out=out)
 
 
@@ -216,7 +215,7 @@ def run_nav(sources: list[str | Path], out_root: str | Path, cfg: NavShardConfig
     bar = tqdm(total=len(jobs), unit="shard", desc=f"nav {cfg.split} part {part}/{num_parts}", disable=not progress)
     written = []
     if workers <= 1:
-        _init_worker(str(tokenizer_path), cfg, out, tok)
+        _init_worker(tok, cfg, out)
         for job in jobs:
             written.append(_run_job(job))
             bar.update()
@@ -224,7 +223,7 @@ def run_nav(sources: list[str | Path], out_root: str | Path, cfg: NavShardConfig
         # fork: workers inherit the loaded tokenizer instead of re-importing transformers (seconds each).
         # The tokenizer's own thread pool must not have started before the fork, hence the variable.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        with mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_path), cfg, out, tok)) as pool:
+        with mp.get_context("fork").Pool(workers, _init_worker, (tok, cfg, out)) as pool:
             for stats in pool.imap_unordered(_run_job, jobs):
                 written.append(stats)
                 bar.update()

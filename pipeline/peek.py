@@ -16,7 +16,6 @@ from .shard_writer import read_sample_bytes, sha256_file
 from .task_dir import load_manifest
 from .tokens import IGNORE_INDEX, IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
 
-KNOWN_EXTS = ("json", "input_ids.npy", "labels.npy")
 
 
 def histogram(values: np.ndarray, bins: int = 8, width: int = 30) -> list[str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 import torch
 
+from streamvln.data.collate import to_device
+
 # Qwen2 ids of the four action symbols (reference section 4): the positions scored are those whose
 # target is one of them; the prediction is the argmax over the whole vocabulary.
 ACTIONS = {76286: "FORWARD", 71858: "LEFT", 51018: "RIGHT", 50669: "STOP"}
@@ -21,7 +23,7 @@ def evaluate(model, loader, task_names: list[str], max_batches: int | None = Non
     hits, seen, by_action, hits_by_action = Counter(), Counter(), Counter(), Counter()
     action_ids = torch.tensor(list(ACTIONS))
     for batch in islice(loader, max_batches):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         out = model(**batch)
         targets, predictions = out["targets"].cpu(), out["predictions"].cpu()
         tasks = batch["mix_ids"].cpu()[out["sample_of_token"].cpu()]
@@ -67,8 +69,13 @@ def main(checkpoint, mix_path, max_batches, out_path):
     from streamvln.data import build_loader, load_mix
     from streamvln.model.build import build_model
 
-    mix = load_mix(mix_path, finite=True)
-    model = build_model(None, checkpoint)
+    from pipeline.config import ConfigError
+
+    try:
+        mix = load_mix(mix_path, finite=True)
+        model = build_model(None, checkpoint)
+    except (ConfigError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
     result = evaluate(model, build_loader(mix), [t.name for t in mix.tasks], max_batches)
     click.echo(format_report(result))
     if out_path:

@@ -20,8 +20,9 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 from . import checkpoint  # noqa: E402
-from .config import TrainConfig, load_train_config  # noqa: E402
+from .config import ConfigError, TrainConfig, load_train_config  # noqa: E402
 from .data import MixConfig, build_loader, load_mix  # noqa: E402
+from .data.collate import to_device  # noqa: E402
 from .evaluate import evaluate, format_report  # noqa: E402
 from .model.build import apply_lora, build_model, optimizer_groups, set_tunable_parts  # noqa: E402
 
@@ -61,10 +62,6 @@ def deepspeed_config(path: str | None, cfg: TrainConfig, mix: MixConfig, bf16: b
               gradient_clipping=cfg.max_grad_norm, bf16={"enabled": bf16}, steps_per_print=10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW: no JIT-built optimizer op
     return ds
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class Metrics:
@@ -212,8 +209,11 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
 @click.option("--max-steps", type=int, help="Override max_steps.")
 def main(mix_path, config_path, output_dir, ds_config, resume, max_steps):
     """Train a StreamVLN model on shards; `torchrun -m streamvln.train` for several processes."""
-    cfg = load_train_config(config_path, max_steps=max_steps)
-    train(cfg, load_mix(mix_path), Path(output_dir), ds_config, resume)
+    try:
+        cfg, mix = load_train_config(config_path, max_steps=max_steps), load_mix(mix_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    train(cfg, mix, Path(output_dir), ds_config, resume)
 
 
 if __name__ == "__main__":

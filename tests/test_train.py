@@ -121,3 +121,18 @@ def test_zero3_config_trains_and_exports(run_files, tmp_path):
 
     model = StreamVLNForCausalLM.from_pretrained(tmp_path / "z3" / "final", local_files_only=True)
     assert all(p.numel() > 0 for p in model.parameters())  # gathered, not ZeRO-3 placeholders
+
+
+def test_bad_train_config_and_checkpoint_are_clear_errors(run_files, tmp_path):
+    from click.testing import CliRunner
+
+    from streamvln.evaluate import main as evaluate_main
+    from streamvln.train import main as train_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_config: x.yaml\nlearning_rate: 0.1\n")
+    result = CliRunner().invoke(train_main, ["--shards", str(run_files / "mix.yaml"), "--config", str(bad),
+                                             "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "unknown key(s) learning_rate" in result.output
+    result = CliRunner().invoke(evaluate_main, ["--checkpoint", str(tmp_path), "--shards", str(run_files / "val.yaml")])
+    assert result.exit_code == 1 and "is not a checkpoint directory (no config.json)" in result.output

@@ -13,6 +13,11 @@ from pipeline.tokens import IGNORE_INDEX
 from .decode import normalize_
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device` (keys and other lists stay as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _batch_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """Uninitialised; inside a DataLoader worker it is allocated in shared memory directly, so
     sending the batch to the main process does not copy it once more (as torch's default_collate)."""

@@ -39,13 +39,6 @@ class WeightedRoundRobin:
             self._n += 1
         return self._last
 
-    def counts_before(self, n: int) -> np.ndarray:
-        """Steps each task had among steps [0, n)."""
-        if n == 0:
-            return np.zeros(len(self.weights), dtype=np.int64)
-        self.at(n - 1)
-        return self._counts.copy()
-
 
 class TaskStream:
     """Draw number -> row of one task: epoch after epoch, each in its own seeded order."""
