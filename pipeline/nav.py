@@ -3,42 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from . import task_dir
 from .config import NavShardConfig
 from .dialogue import nav_dialogue
 from .frames import Chunk, plan_chunks, skip_reason
 from .images import FrameError, resize_frame
 from .qwen_tokenizer import load_tokenizer, tokenizer_info
 from .reader import AnnotationError, Episode, Reject, list_frames, read_source
-from .shard_writer import SCHEMA_VERSION, ShardWriter, json_bytes, npy_bytes, sha256_file, write_json_atomic
+from .runner import Sample, group_units, planning_section, run_shards
+from .shard_writer import SCHEMA_VERSION, sha256_file
 from .tokens import IGNORE_INDEX, TokenIds, tokenize_dialogue
 
 TASK = "nav"
-
-
-@dataclass
-class Sample:
-    key: str
-    meta: dict
-    input_ids: np.ndarray
-    labels: np.ndarray
-    frames: list[bytes]
-
-    def members(self) -> list[tuple[str, bytes]]:
-        frames = [(f"f{i:03d}.jpg", jpg) for i, jpg in enumerate(self.frames)]
-        return [("json", json_bytes(self.meta)), ("input_ids.npy", npy_bytes(self.input_ids)),
-                ("labels.npy", npy_bytes(self.labels)), *frames]
 
 
 def _safe(text: str) -> str:
@@ -105,7 +87,9 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
             "n_history": len(chunk.history_frames), "n_frames": len(frame_ids), "image_size": cfg.image_size,
             "n_tokens": len(input_ids), "n_labels": int((labels != IGNORE_INDEX).sum()),
         }
-        samples.append(Sample(key, meta, input_ids, labels, [encoded[i] for i in frame_ids]))
+        row = {"source": episode.source, "episode": episode.episode_id, "instruction": k, "start": chunk.start,
+               **{f: meta[f] for f in ("n_frames", "n_history", "n_tokens", "n_labels")}}
+        samples.append(Sample(key, meta, input_ids, labels, [encoded[i] for i in frame_ids], row))
     return samples, rejects
 
 
@@ -121,7 +105,7 @@ def plan_nav(sources: list[Path], cfg: NavShardConfig, tokenizer: dict) -> tuple
     names = [Path(s).name for s in sources]
     if len(set(names)) != len(names):
         raise AnnotationError(f"source folder names must be distinct (they name the sources): {names}")
-    counts, per_source, rejects, groups, current, planned = Counter(), {}, [], [], [], 0
+    counts, per_source, rejects, kept, sizes = Counter(), {}, [], [], []
     source_info = []
     for src in sources:
         src = Path(src)
@@ -135,69 +119,27 @@ def plan_nav(sources: list[Path], cfg: NavShardConfig, tokenizer: dict) -> tuple
                                     episode.source, episode.episode_id))
                 per_source[src.name]["episodes_rejected"] += 1
                 continue
-            current.append(episode)
-            planned += len(chunks) * len(episode.instructions)
-            if planned >= cfg.samples_per_shard:
-                groups.append(current)
-                current, planned = [], 0
+            kept.append(episode)
+            sizes.append(len(chunks) * len(episode.instructions))
         rejects.extend(early)
-    if current:
-        groups.append(current)
+    groups = group_units(kept, sizes, cfg.samples_per_shard)
     for c in per_source.values():
         counts.update(c)
     plan = {
         "task": TASK, "split": cfg.split, "schema_version": SCHEMA_VERSION, "options": asdict(cfg),
         "sources": source_info, "tokenizer": tokenizer, "num_shards": len(groups),
         "shard_episodes": [len(g) for g in groups],
-        "planning": {"counts": {k: counts[k] for k in task_dir.COUNT_KEYS}, "per_source": per_source,
-                     "rejects": [r.to_json() for r in rejects]},
+        "planning": planning_section(counts, per_source, rejects),
     }
     return plan, groups
 
 
-# ---------------------------------------------------------------- writing
+# ---------------------------------------------------------------- running
 
 
-def write_shard(out: Path, shard_id: int, episodes: list[Episode], cfg: NavShardConfig, tok, ids: TokenIds) -> dict:
-    """Write one shard and then its stats sidecar (which marks it done); returns the stats."""
-    path = out / task_dir.shard_name(cfg.split, shard_id)
-    writer = ShardWriter(path)
-    index, rejects, counts, per_source = [], [], Counter(), {}
-    try:
-        for episode in episodes:
-            samples, bad = build_episode(episode, cfg, tok, ids)
-            rejects += [r.to_json() for r in bad]
-            outcome = "episodes_written" if samples else "episodes_rejected"
-            bad_samples = sum(r.level == "sample" for r in bad)
-            counts.update({outcome: 1, "samples_written": len(samples), "samples_rejected": bad_samples})
-            per_source.setdefault(episode.source, Counter()).update({outcome: 1, "samples_written": len(samples)})
-            for sample in samples:
-                offset, size = writer.write(sample.key, sample.members())
-                m = sample.meta
-                index.append({"key": sample.key, "offset": offset, "size": size, "source": m["source"],
-                              "episode": m["episode_id"], "instruction": m["instruction_index"], "start": m["start"],
-                              "n_frames": m["n_frames"], "n_history": m["n_history"], "n_tokens": m["n_tokens"],
-                              "n_labels": m["n_labels"]})
-    except BaseException:
-        writer.abort()
-        raise
-    stats = {"shard": path.name, **writer.close(), "counts": {k: counts[k] for k in task_dir.COUNT_KEYS},
-             "per_source": per_source, "rejects": rejects, "index": index}
-    write_json_atomic(task_dir.stats_path(path), stats)
-    return stats
-
-
-_worker: dict = {}
-
-
-def _init_worker(tok, cfg: NavShardConfig, out: Path):
-    _worker.update(tok=tok, ids=TokenIds.of(tok), cfg=cfg, out=out)
-
-
-def _run_job(job: tuple[int, list[Episode]]) -> dict:
-    shard_id, episodes = job
-    w = _worker
-    return write_shard(w["out"], shard_id, episodes, w["cfg"], w["tok"], w["ids"])
+def nav_builder(cfg: NavShardConfig, tok):
+    ids = TokenIds.of(tok)
+    return lambda episode: build_episode(episode, cfg, tok, ids)
 
 
 def run_nav(sources: list[str | Path], out_root: str | Path, cfg: NavShardConfig, tokenizer_path: str | Path, *,
@@ -205,31 +147,7 @@ def run_nav(sources: list[str | Path], out_root: str | Path, cfg: NavShardConfig
     """Write (or finish writing) this part's shards into <out_root>/nav and merge when all parts are done."""
     if not 0 <= part < num_parts:
         raise ValueError(f"--part must be in 0..{num_parts - 1}, got {part}")
-    out = Path(out_root) / TASK
     tok = load_tokenizer(tokenizer_path)
     plan, groups = plan_nav([Path(s) for s in sources], cfg, tokenizer_info(tok))
-    task_dir.commit_plan(out, plan, overwrite)
-    mine = [i for i in range(len(groups)) if i % num_parts == part]
-    pending = task_dir.pending_shards(out, cfg.split, mine)
-    jobs = [(i, groups[i]) for i in pending]
-    bar = tqdm(total=len(jobs), unit="shard", desc=f"nav {cfg.split} part {part}/{num_parts}", disable=not progress)
-    written = []
-    if workers <= 1:
-        _init_worker(tok, cfg, out)
-        for job in jobs:
-            written.append(_run_job(job))
-            bar.update()
-    else:
-        # fork: workers inherit the loaded tokenizer instead of re-importing transformers (seconds each).
-        # The tokenizer's own thread pool must not have started before the fork, hence the variable.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        with mp.get_context("fork").Pool(workers, _init_worker, (tok, cfg, out)) as pool:
-            for stats in pool.imap_unordered(_run_job, jobs):
-                written.append(stats)
-                bar.update()
-    bar.close()
-    missing = task_dir.finalize(out)
-    return {"out": str(out), "split": cfg.split, "shards_planned": len(groups), "shards_in_part": len(mine),
-            "shards_skipped": len(mine) - len(jobs), "shards_written": len(written),
-            "shards_missing": missing.get(cfg.split, 0), "manifest": None if missing.get(cfg.split) else
-            task_dir.load_manifest(out)["splits"][cfg.split]}
+    return run_shards(Path(out_root) / TASK, plan, groups, lambda: nav_builder(cfg, tok), workers=workers, part=part,
+                      num_parts=num_parts, overwrite=overwrite, progress=progress)

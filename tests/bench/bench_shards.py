@@ -17,11 +17,11 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import NavShardConfig  # noqa: E402
 from pipeline.images import resize_frame  # noqa: E402
-from pipeline.nav import episode_chunks, plan_nav, run_nav, write_shard  # noqa: E402
+from pipeline.nav import episode_chunks, nav_builder, plan_nav, run_nav  # noqa: E402
+from pipeline.runner import write_shard  # noqa: E402
 from pipeline.qwen_tokenizer import load_tokenizer  # noqa: E402
 from pipeline.reader import list_frames, read_source  # noqa: E402
 from pipeline.synth import write_demo  # noqa: E402
-from pipeline.tokens import TokenIds  # noqa: E402
 
 
 def floor_seconds(sources: list[Path], cfg: NavShardConfig) -> tuple[float, int]:
@@ -54,7 +54,8 @@ def main():
         _, groups = plan_nav(sources, cfg, {})
         (work / "steady").mkdir()
         start = time.perf_counter()
-        stats = [write_shard(work / "steady", i, g, cfg, tok, TokenIds.of(tok)) for i, g in enumerate(groups)]
+        build = nav_builder(cfg, tok)
+        stats = [write_shard(work / "steady", cfg.split, i, g, build) for i, g in enumerate(groups)]
         steady = time.perf_counter() - start
         samples = sum(s["samples"] for s in stats)
         episodes = sum(len(g) for g in groups)
