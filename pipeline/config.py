@@ -100,13 +100,76 @@ class NavShardConfig:
     split: str = "train"
 
     def validate(self):
-        positive = ("num_frames", "num_future_steps", "num_history", "image_size", "samples_per_shard", "max_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _check_positive(self, "num_frames", "num_future_steps", "num_history", "image_size", "samples_per_shard",
+                        "max_tokens")
         if self.history_mode not in ("exact", "reference"):
             raise ConfigError(f"history_mode must be 'exact' or 'reference', got {self.history_mode!r}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if not self.split or not self.split.replace("_", "").isalnum():
-            raise ConfigError(f"split must be a plain name like 'train' or 'val', got {self.split!r}")
+        _check_output(self)
+
+
+def _check_positive(cfg, *names: str):
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _check_output(cfg):
+    if not 1 <= cfg.jpeg_quality <= 100:
+        raise ConfigError(f"jpeg_quality must be in 1..100, got {cfg.jpeg_quality}")
+    if not cfg.split or not cfg.split.replace("_", "").isalnum():
+        raise ConfigError(f"split must be a plain name like 'train' or 'val', got {cfg.split!r}")
+
+
+@dataclass
+class CotrainShardConfig:
+    """Options every co-training task shares (`streamvln-shards videoqa | scanqa | mmc4`)."""
+
+    image_size: int = 384
+    jpeg_quality: int = 95
+    samples_per_shard: int = 256  # one sample per input record
+    max_tokens: int = 32768  # longer samples are rejected (the reference would truncate them)
+    seed: int = 0  # random:N sampling
+    split: str = "train"
+
+    def validate(self):
+        _check_positive(self, "image_size", "samples_per_shard", "max_tokens")
+        _check_output(self)
+
+
+@dataclass
+class VideoQAShardConfig(CotrainShardConfig):
+    """LLaVA-Video-178K conversations over mp4 files; defaults are the reference's (section 7)."""
+
+    frames_upbound: int = 32  # at most this many frames (linspace over the video); 0: no bound
+    video_fps: int = 1  # frames kept per second before the bound applies
+    force_sample: bool = False  # always take frames_upbound frames by linspace
+    add_time_instruction: bool = False  # the reference's "The video lasts for ..." text
+
+    def validate(self):
+        super().validate()
+        _check_positive(self, "video_fps")
+        if self.frames_upbound < 0 or (self.force_sample and self.frames_upbound < 1):
+            raise ConfigError(f"frames_upbound must be >= 0 (>= 1 with force_sample), got {self.frames_upbound}")
+
+
+@dataclass
+class ScanQAShardConfig(CotrainShardConfig):
+    """ScanQA / SQA3D conversations over ScanNet posed-image folders."""
+
+    frame_stride: int = 10  # every 10th posed image is kept ...
+    frames_upbound: int = 32  # ... then this many are taken evenly (repeating when too few)
+
+    def validate(self):
+        super().validate()
+        _check_positive(self, "frame_stride", "frames_upbound")
+
+
+@dataclass
+class MMC4ShardConfig(CotrainShardConfig):
+    """MMC4 interleaved image-text documents."""
+
+    max_images: int = 6  # the first images in sentence order
+
+    def validate(self):
+        super().validate()
+        _check_positive(self, "max_images")

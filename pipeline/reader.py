@@ -54,7 +54,7 @@ def load_annotations(path: Path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise AnnotationError(f"{path}: not found (a source folder needs annotations.json)") from None
+        raise AnnotationError(f"{path}: not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise AnnotationError(f"{path}: cannot be read: {e}") from None
     try:
@@ -62,7 +62,7 @@ def load_annotations(path: Path) -> list:
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(data, list):
-        raise AnnotationError(f"{path}: top level must be a JSON list of episodes, got {type(data).__name__}")
+        raise AnnotationError(f"{path}: top level must be a JSON list, got {type(data).__name__}")
     return data
 
 

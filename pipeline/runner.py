@@ -123,7 +123,7 @@ def run_shards(out: Path, plan: dict, groups: list[list], make_build: Callable[[
                 bar.update()
     bar.close()
     missing = task_dir.finalize(out)
-    return {"out": str(out), "split": split, "shards_planned": len(groups), "shards_in_part": len(mine),
+    return {"out": str(out), "task": plan["task"], "split": split, "shards_planned": len(groups), "shards_in_part": len(mine),
             "shards_skipped": len(mine) - len(jobs), "shards_written": len(written),
             "shards_missing": missing.get(split, 0), "manifest": None if missing.get(split) else
             task_dir.load_manifest(out)["splits"][split]}

@@ -82,7 +82,7 @@ def test_too_many_tokens_rejects_samples_and_keeps_the_rest(tmp_path, tokenizer_
 
 @pytest.mark.parametrize("text,message", [
     ('[{"id": 1, "video": "a",\n "actions": [1, 2,, 3]}]', "invalid JSON at line 2, column 19"),
-    ('{"episodes": []}', "top level must be a JSON list of episodes, got dict"),
+    ('{"episodes": []}', "top level must be a JSON list, got dict"),
     ("", "invalid JSON at line 1, column 1"),
 ])
 def test_malformed_annotations_are_a_clear_error_before_any_work(tmp_path, tokenizer_dir, text, message):

@@ -1,0 +1,216 @@
+"""Read co-training sources: LLaVA-style conversation JSON (with data-config sampling) and MMC4 jsonl documents."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .reader import AnnotationError, Reject, load_annotations
+
+ROLES = ("human", "gpt")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated conversation of a JSON file; `position` is its index in the file."""
+
+    source: str  # the record's data_source, else the file's stem
+    file: str  # file stem: names the record in keys and rejects
+    position: int
+    episode_id: str
+    media: str  # video file or scene folder, relative to the media root
+    turns: tuple[tuple[str, str], ...]  # (from, value), human/gpt alternating
+
+    @property
+    def ref(self) -> str:
+        return f"{self.file}.json[{self.position}] id={self.episode_id}"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One validated MMC4 document; `position` is its line number (from 0) in the jsonl file."""
+
+    source: str
+    file: str
+    position: int
+    episode_id: str
+    sentences: tuple[str, ...]
+    images: tuple[tuple[str, int], ...]  # (image_name, matched_text_index) as listed
+
+    @property
+    def ref(self) -> str:
+        return f"{self.file}.jsonl[{self.position}] id={self.episode_id}"
+
+
+def turn_order_problem(conversations) -> str | None:
+    """Why a conversation cannot be trained on, or None: it must be human, gpt, human, gpt, ... (ending on gpt)."""
+    if not isinstance(conversations, list) or not conversations:
+        return "empty conversation"
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return f"bad turn: turn {i} is not a {{from, value}} mapping with a text value"
+        if turn.get("from") != ROLES[i % 2]:
+            roles = [t.get("from") if isinstance(t, dict) else None for t in conversations]
+            return f"turn order not human/gpt alternating: {roles}"
+    if len(conversations) % 2:
+        return "turn order not human/gpt alternating: the last human turn has no gpt answer"
+    return None
+
+
+# ---------------------------------------------------------------- data-config sampling
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    json_path: str
+    sampling_strategy: str = "all"
+    sampling_subset: str | None = None
+
+
+def parse_strategy(strategy: str) -> tuple[str, int | None, bool]:
+    """'all' | 'first:N' | 'end:N' | 'random:N', N a count or a percentage 'P%' -> (kind, number, is_percent)."""
+    if strategy == "all":
+        return "all", None, False
+    kind, _, number = strategy.partition(":")
+    percent = number.endswith("%")
+    digits = number[:-1] if percent else number
+    if kind not in ("first", "end", "random") or not digits.isdigit() or int(digits) < 1 or \
+            (percent and int(digits) > 100):
+        raise AnnotationError(f"sampling_strategy {strategy!r}: expected all, first:N, end:N or random:N "
+                              "with N >= 1 or a percentage 1%..100%")
+    return kind, int(digits), percent
+
+
+def select(entries: list, spec: DatasetSpec, seed: int, media_key: str = "video") -> list[int]:
+    """Positions of the entries a data-config entry keeps: its subset keywords (any of them in the media path),
+    then its strategy. N% is ceil(P/100 x entries), as the reference; random:N is seeded by seed and file name
+    and keeps file order."""
+    positions = list(range(len(entries)))
+    if spec.sampling_subset:
+        words = [w.strip() for w in spec.sampling_subset.split(",") if w.strip()]
+        media = [e.get(media_key) if isinstance(e, dict) else None for e in entries]
+        positions = [p for p in positions if isinstance(media[p], str) and any(w in media[p] for w in words)]
+    kind, number, percent = parse_strategy(spec.sampling_strategy)
+    if kind == "all":
+        return positions
+    n = math.ceil(number * len(positions) / 100) if percent else number
+    if kind == "first":
+        return positions[:n]
+    if kind == "end":
+        return positions[-n:] if n else []
+    shuffled = list(positions)
+    random.Random(f"{seed}|{Path(spec.json_path).name}").shuffle(shuffled)
+    return sorted(shuffled[:n])
+
+
+def read_conversations(path: Path, spec: DatasetSpec | None = None, seed: int = 0,
+                       media_key: str = "video") -> tuple[list[Record], list[Reject], int]:
+    """The entries of a conversation JSON list that `spec` selects, validated; and how many entries the file has.
+
+    Selection runs on the raw list, as the reference's, so a broken entry is dropped by sampling exactly
+    when the reference would; the selected broken ones are rejected. AnnotationError only if the file
+    itself is unusable.
+    """
+    path = Path(path)
+    entries = load_annotations(path)
+    chosen = select(entries, spec or DatasetSpec(str(path)), seed, media_key)
+    records, rejects = [], []
+    for pos in chosen:
+        entry = entries[pos]
+        if not isinstance(entry, dict):
+            rejects.append(Reject(f"{path.stem}.json[{pos}]", "bad annotation: entry is not a mapping", path.stem))
+            continue
+        episode_id = str(entry.get("id", pos))
+        source = str(entry.get("data_source") or path.stem)
+        ref = f"{path.stem}.json[{pos}] id={episode_id}"
+        media = entry.get(media_key)
+        problem = turn_order_problem(entry.get("conversations"))
+        if problem is None and (not isinstance(media, str) or not media):
+            problem = f"bad annotation: no {media_key!r} path"
+        if problem is not None:
+            rejects.append(Reject(ref, problem, source, episode_id))
+            continue
+        media = f"{entry['data_source']}/{media}" if entry.get("data_source") else media
+        turns = tuple((t["from"], t["value"]) for t in entry["conversations"])
+        records.append(Record(source, path.stem, pos, episode_id, media, turns))
+    return records, rejects, len(entries)
+
+
+def load_data_config(path: Path) -> list[DatasetSpec]:
+    """A data-config YAML: {datasets: [...]} or a bare list of {json_path, sampling_strategy, sampling_subset}.
+    Relative json paths are taken relative to the YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise AnnotationError(f"{path}: {e}") from None
+    entries = data.get("datasets") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise AnnotationError(f"{path}: expected a list of datasets (or a 'datasets:' list)")
+    specs = []
+    for i, entry in enumerate(entries):
+        known = {"json_path", "sampling_strategy", "sampling_subset"}
+        if not isinstance(entry, dict) or "json_path" not in entry or set(entry) - known:
+            raise AnnotationError(f"{path}: dataset {i} must be a mapping with json_path and optionally "
+                                  f"sampling_strategy, sampling_subset; got {entry!r}")
+        json_path = Path(entry["json_path"])
+        json_path = json_path if json_path.is_absolute() else path.parent / json_path
+        spec = DatasetSpec(str(json_path), str(entry.get("sampling_strategy", "all")), entry.get("sampling_subset"))
+        parse_strategy(spec.sampling_strategy)  # fail before any work starts
+        specs.append(spec)
+    return specs
+
+
+# ---------------------------------------------------------------- MMC4
+
+
+def read_mmc4(path: Path) -> tuple[list[Document], list[Reject]]:
+    """Every line of an MMC4 jsonl file, validated; a bad line is rejected, not fatal."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{path}: cannot be read: {e}") from None
+    docs, rejects = [], []
+    for pos, line in enumerate(lines):
+        if not line.strip():
+            continue
+        ref = f"{path.stem}.jsonl[{pos}]"
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            rejects.append(Reject(ref, f"bad annotation: not valid JSON ({e})", path.stem))
+            continue
+        episode_id = str(doc.get("doc_id", doc.get("url", pos))) if isinstance(doc, dict) else str(pos)
+        problem = _document_problem(doc)
+        if problem:
+            rejects.append(Reject(f"{ref} id={episode_id}", problem, path.stem, episode_id))
+            continue
+        images = tuple((i["image_name"], i["matched_text_index"]) for i in doc["image_info"])
+        docs.append(Document(path.stem, path.stem, pos, episode_id, tuple(doc["text_list"]), images))
+    return docs, rejects
+
+
+def _document_problem(doc) -> str | None:
+    if not isinstance(doc, dict):
+        return "bad annotation: line is not a mapping"
+    text, images = doc.get("text_list"), doc.get("image_info")
+    if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+        return "bad annotation: text_list is not a list of sentences"
+    if not any(t.strip() for t in text):
+        return "empty conversation: the document has no text"
+    if not isinstance(images, list) or not images:
+        return "empty conversation: the document has no images"
+    for info in images:
+        index = info.get("matched_text_index") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or not isinstance(info.get("image_name"), str) or \
+                type(index) is not int or not 0 <= index < len(text):
+            return f"bad annotation: image_info entry {info!r} lacks image_name or a valid matched_text_index"
+    return None
