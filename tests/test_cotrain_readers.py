@@ -1,0 +1,215 @@
+"""Co-training readers on hand-made inputs: frame sampling, exact dialogue text and labels, data-config sampling."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.config import MMC4ShardConfig, ScanQAShardConfig, VideoQAShardConfig
+from pipeline.convo_reader import (DatasetSpec, load_data_config, parse_strategy, read_conversations, read_mmc4,
+                                   select)
+from pipeline.cotrain import build_mmc4, build_scanqa, build_videoqa
+from pipeline.cotrain_dialogue import DialogueError, mmc4_turns, scene_qa_turns, video_qa_turns
+from pipeline.reader import AnnotationError
+from pipeline.tokens import IGNORE_INDEX, tokenize_dialogue
+from pipeline.video_frames import read_video, scene_frame_plan, video_frame_plan
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def write_mp4(path: Path, n: int, fps: int, size=(64, 48)) -> None:
+    """Frame i is a flat grey of level 5*i, so the frames decoded can be told apart."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    for i in range(n):
+        writer.write(np.full((size[1], size[0], 3), 5 * i, np.uint8))
+    writer.release()
+
+
+def rendered(turns) -> str:
+    roles = {"human": "user", "gpt": "assistant"}
+    return SYSTEM + "".join(f"<|im_start|>{roles[w]}\n{t}<|im_end|>\n" for w, t in turns)
+
+
+def decode(tok, ids) -> str:
+    image = tok.convert_tokens_to_ids("<image>")
+    return tok.decode([i if i >= 0 else image for i in ids.tolist()])
+
+
+def check_sample(sample, tok, token_ids, expected_turns):
+    """Exact text, and labels exactly the reference rule over those turns (assistant turns labelled)."""
+    assert decode(tok, sample.input_ids) == rendered(expected_turns)
+    roles = {"human": "user", "gpt": "assistant"}
+    want_ids, want_labels = tokenize_dialogue(tok, token_ids, [(roles[w], t) for w, t in expected_turns])
+    assert np.array_equal(sample.input_ids, want_ids) and np.array_equal(sample.labels, want_labels)
+    labelled = tok.decode([i for i in sample.labels.tolist() if i != IGNORE_INDEX])
+    answers = "".join(f"<|im_start|>assistant\n{t}<|im_end|>\n" for w, t in expected_turns if w == "gpt")
+    # the answers in order, with only the always-labelled ids (newline, im_start/im_end) of other turns around them
+    assert "".join(c for c in labelled if c != "\n").replace("<|im_start|><|im_end|>", "") == answers.replace("\n", "")
+
+
+# ---------------------------------------------------------------- frame sampling
+
+
+def test_video_frame_plan_fps_then_upbound_then_force():
+    # 10 fps, 45 frames, 1 frame a second: every 10th frame, stamped i / 10
+    assert video_frame_plan(45, 10.0, 32, 1, False) == ([0, 10, 20, 30, 40], [0.0, 1.0, 2.0, 3.0, 4.0])
+    # more than the bound: linspace(0, 44, 4) as int, stamped i / fps
+    assert video_frame_plan(45, 10.0, 4, 1, False) == ([0, 14, 29, 44], [0.0, 1.4, 2.9, 4.4])
+    # force_sample: linspace even when fewer
+    idx, _ = video_frame_plan(45, 10.0, 8, 1, True)
+    assert idx == np.linspace(0, 44, 8, dtype=int).tolist() and len(idx) == 8
+    # no bound, 2 frames a second: step round(10 / 2) = 5
+    assert video_frame_plan(45, 10.0, 0, 2, False)[0] == list(range(0, 45, 5))
+    # 29.97 fps: step round(29.97) = 30, stamps i / 30 as the reference
+    assert video_frame_plan(100, 29.97, 32, 1, False) == ([0, 30, 60, 90], [0.0, 1.0, 2.0, 3.0])
+
+
+def test_read_video_decodes_the_planned_frames_with_decord(tmp_path):
+    write_mp4(tmp_path / "v.mp4", 45, 10)
+    clip = read_video(str(tmp_path / "v.mp4"), 4, 1, False)
+    assert clip.indices == [0, 14, 29, 44] and clip.seconds == pytest.approx(4.5)
+    assert clip.frames.shape == (4, 48, 64, 3)
+    assert np.allclose(clip.frames.reshape(4, -1).mean(1), [0, 70, 145, 220], atol=8)  # grey level 5 * index
+
+
+def test_scene_frame_plan_every_tenth_then_evenly_repeating():
+    files = [f"{i:05d}.jpg" for i in range(25)][::-1]  # listed out of order
+    assert scene_frame_plan(files, 10, 5) == ["00000.jpg", "00000.jpg", "00010.jpg", "00010.jpg", "00020.jpg"]
+    many = [f"{i}.jpg" for i in range(200)]  # unpadded names sort by number, not text
+    assert scene_frame_plan(many, 10, 4) == ["0.jpg", "60.jpg", "120.jpg", "190.jpg"]
+
+
+# ---------------------------------------------------------------- exact samples per format
+
+
+def videoqa_record(tmp_path, conversations):
+    (tmp_path / "qa.json").write_text(json.dumps([{"id": "v1", "video": "clip.mp4", "data_source": "src",
+                                                   "conversations": conversations}]))
+    write_mp4(tmp_path / "videos" / "src" / "clip.mp4", 45, 10)
+    records, rejects, total = read_conversations(tmp_path / "qa.json")
+    assert not rejects and total == 1
+    return records[0]
+
+
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A grey screen."},
+                {"from": "human", "value": "Does it change?"}, {"from": "gpt", "value": "It gets brighter."}]
+
+
+def test_videoqa_sample_with_time_instruction_is_exact(tmp_path, tok, token_ids):
+    record = videoqa_record(tmp_path, CONVERSATION)
+    cfg = VideoQAShardConfig(image_size=32, add_time_instruction=True)
+    (sample,), rejects = build_videoqa(record, tmp_path / "videos", cfg, tok, token_ids)
+    assert not rejects
+    time_text = ("The video lasts for 4.50 seconds, and 5 frames are uniformly sampled from it. These frames are "
+                 "located at 0.00s,1.00s,2.00s,3.00s,4.00s.Please answer the following questions related to this video.")
+    first = "<image>" * 5 + "\n" + time_text + "\n" + "\nWhat is shown?"
+    check_sample(sample, tok, token_ids, [("human", first)] + [(t["from"], t["value"]) for t in CONVERSATION[1:]])
+    assert sample.meta["frame_times"] == [0.0, 1.0, 2.0, 3.0, 4.0] and sample.meta["frame_indices"] == [0, 10, 20, 30, 40]
+    assert sample.meta["n_frames"] == len(sample.frames) == 5 and sample.meta["video"] == "src/clip.mp4"
+    assert sample.meta["task"] == "videoqa" and sample.meta["n_history"] == 0
+
+
+def test_videoqa_without_time_instruction_expands_the_image_token(tmp_path, tok, token_ids):
+    record = videoqa_record(tmp_path, CONVERSATION)
+    cfg = VideoQAShardConfig(image_size=32, frames_upbound=3)
+    (sample,), _ = build_videoqa(record, tmp_path / "videos", cfg, tok, token_ids)
+    first = "<image>" * 3 + "\nWhat is shown?"
+    check_sample(sample, tok, token_ids, [("human", first)] + [(t["from"], t["value"]) for t in CONVERSATION[1:]])
+    assert sample.meta["frame_indices"] == [0, 22, 44]
+
+
+def test_scanqa_sample_is_exact(tmp_path, tok, token_ids):
+    scene = tmp_path / "scenes" / "posed_images" / "scene0001_00"
+    scene.mkdir(parents=True)
+    for i in range(25):
+        cv2.imwrite(str(scene / f"{i:05d}.jpg"), np.full((30, 40, 3), 9 * i, np.uint8))
+        (scene / f"{i:05d}.txt").write_text("pose")
+    conv = [{"from": "human", "value": "<video>\nWhere is the chair?"}, {"from": "gpt", "value": "By the desk."}]
+    (tmp_path / "scanqa.json").write_text(json.dumps([{"id": "q0", "video": "posed_images/scene0001_00",
+                                                       "conversations": conv}]))
+    (record,), _, _ = read_conversations(tmp_path / "scanqa.json")
+    (sample,), rejects = build_scanqa(record, tmp_path / "scenes", ScanQAShardConfig(image_size=32, frames_upbound=5),
+                                      tok, token_ids)
+    check_sample(sample, tok, token_ids, [("human", "<image>" * 5 + "\nWhere is the chair?"), ("gpt", "By the desk.")])
+    assert sample.meta["frame_files"] == ["00000.jpg", "00000.jpg", "00010.jpg", "00010.jpg", "00020.jpg"]
+    assert sample.frames[0] == sample.frames[1] != sample.frames[2]
+
+
+def test_mmc4_sample_is_exact(tmp_path, tok, token_ids):
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(8):
+        cv2.imwrite(str(images / f"im{k}.jpg"), np.full((20, 20, 3), 30 * k, np.uint8))
+    text = ["Intro one.", "Intro two.", "First pic.", "More <image> text.", "Second pic.", "End."]
+    # listed out of order; eight images, two of them on sentence 5: the first 6 by sentence are used
+    info = [{"image_name": "im1.jpg", "matched_text_index": 4}, {"image_name": "im0.jpg", "matched_text_index": 2}] + \
+        [{"image_name": f"im{k}.jpg", "matched_text_index": 5} for k in range(2, 8)]
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"url": "u", "text_list": text, "image_info": info,
+                                                     "similarity_matrix": []}) + "\n")
+    (doc,), rejects = read_mmc4(tmp_path / "docs.jsonl")
+    (sample,), rejects = build_mmc4(doc, images, MMC4ShardConfig(image_size=32), tok, token_ids)
+    want = [("human", "Intro one. Intro two.<image>."), ("gpt", "First pic. More <IMAGE> text."),
+            ("human", "<image>."), ("gpt", "Second pic."),
+            ("human", "<image>."), ("gpt", ""), ("human", "<image>."), ("gpt", ""),
+            ("human", "<image>."), ("gpt", ""), ("human", "<image>."), ("gpt", "End.")]
+    check_sample(sample, tok, token_ids, want)
+    assert sample.meta["images"] == ["im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg", "im4.jpg", "im5.jpg"]
+    assert len(sample.frames) == 6
+
+
+def test_media_token_rules():
+    turns = [("human", "<image>\nQ?"), ("gpt", "A."), ("human", "<image> again?"), ("gpt", "B.")]
+    with pytest.raises(DialogueError, match="outside the first human turn"):
+        video_qa_turns(turns, 3)
+    assert video_qa_turns([("human", "Q?"), ("gpt", "A.")], 2)[0] == ("human", "<image><image>\nQ?")
+    with pytest.raises(DialogueError, match="0 <video> tokens"):
+        scene_qa_turns([("human", "Q?"), ("gpt", "A.")], 2)
+    assert mmc4_turns(["Only."], [("a.jpg", 0)]) == [("human", "<image>."), ("gpt", "Only.")]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def entries(n):
+    return [{"id": i, "video": f"{'cooking' if i % 2 else 'sports'}/v{i}.mp4"} for i in range(n)]
+
+
+@pytest.mark.parametrize("strategy, want", [
+    ("all", list(range(10))), ("first:3", [0, 1, 2]), ("end:3", [7, 8, 9]), ("first:25%", [0, 1, 2]),
+    ("end:10%", [9]), ("first:100%", list(range(10))), ("end:50", list(range(10))),
+])
+def test_sampling_strategies(strategy, want):
+    assert select(entries(10), DatasetSpec("a.json", strategy), seed=0) == want
+
+
+def test_random_sampling_is_seeded_and_keeps_file_order():
+    a = select(entries(50), DatasetSpec("a.json", "random:10"), seed=0)
+    assert a == select(entries(50), DatasetSpec("a.json", "random:10"), seed=0) and a == sorted(a) and len(a) == 10
+    assert a != select(entries(50), DatasetSpec("a.json", "random:10"), seed=1)
+    assert len(select(entries(50), DatasetSpec("a.json", "random:30%"), seed=0)) == 15
+
+
+def test_subset_keywords_then_strategy():
+    got = select(entries(10), DatasetSpec("a.json", "first:2", "cooking, nothing"), seed=0)
+    assert got == [1, 3]
+
+
+@pytest.mark.parametrize("bad", ["some", "first", "first:0", "first:x", "random:0%", "end:101%", "middle:3"])
+def test_bad_strategies_are_refused(bad):
+    with pytest.raises(AnnotationError, match="sampling_strategy"):
+        parse_strategy(bad)
+
+
+def test_data_config_paths_are_relative_to_the_yaml(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mix.yaml").write_text(
+        "datasets:\n  - json_path: ../a.json\n    sampling_strategy: first:2\n    sampling_subset: cooking\n")
+    (spec,) = load_data_config(tmp_path / "cfg" / "mix.yaml")
+    assert Path(spec.json_path).resolve() == (tmp_path / "a.json").resolve()
+    assert (spec.sampling_strategy, spec.sampling_subset) == ("first:2", "cooking")
+    (tmp_path / "bad.yaml").write_text("datasets:\n  - json_path: a.json\n    sampling: all\n")
+    with pytest.raises(AnnotationError, match="json_path"):
+        load_data_config(tmp_path / "bad.yaml")
