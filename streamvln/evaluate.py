@@ -1,4 +1,4 @@
-"""Evaluate: teacher-forced next-action accuracy per task and per action, against the majority-action baseline."""
+"""Evaluate: teacher-forced loss and accuracy per task (answers, and next actions against the majority baseline)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,27 @@ ACTIONS = {76286: "FORWARD", 71858: "LEFT", 51018: "RIGHT", 50669: "STOP"}
 
 @torch.no_grad()
 def evaluate(model, loader, task_names: list[str], max_batches: int | None = None, device="cpu") -> dict:
+    """Per mix task: loss and accuracy over every labelled token, and the share of samples whose every labelled
+    token is right (the whole answer, teacher-forced); for action tokens also next-action accuracy."""
     model.eval()
     hits, seen, by_action, hits_by_action = Counter(), Counter(), Counter(), Counter()
+    tokens, right, loss, samples, exact = Counter(), Counter(), Counter(), Counter(), Counter()
     action_ids = torch.tensor(list(ACTIONS))
     for batch in islice(loader, max_batches):
         batch = to_device(batch, device)
         out = model(**batch)
         targets, predictions = out["targets"].cpu(), out["predictions"].cpu()
-        tasks = batch["mix_ids"].cpu()[out["sample_of_token"].cpu()]
+        owner = out["sample_of_token"].cpu()
+        mix_ids = batch["mix_ids"].cpu()
+        correct = torch.zeros(len(mix_ids)).index_add(0, owner, (targets == predictions).float())
+        for i, task in enumerate(mix_ids.tolist()):
+            name, n = task_names[task], int(out["sample_tokens"][i])
+            tokens[name] += n
+            right[name] += int(correct[i])
+            loss[name] += float(out["sample_loss_sum"][i])
+            samples[name] += 1
+            exact[name] += n > 0 and int(correct[i]) == n
+        tasks = mix_ids[owner]
         scored = torch.isin(targets, action_ids)
         for target, pred, task in zip(targets[scored].tolist(), predictions[scored].tolist(), tasks[scored].tolist()):
             name, action = task_names[task], ACTIONS[target]
@@ -37,22 +50,34 @@ def evaluate(model, loader, task_names: list[str], max_batches: int | None = Non
     model.train()
     total = sum(seen.values())
     majority, majority_count = by_action.most_common(1)[0] if by_action else ("-", 0)
+    per_task = {}
+    for t in sorted(samples):
+        per_task[t] = {"samples": samples[t], "tokens": tokens[t], "loss": loss[t] / max(tokens[t], 1),
+                       "token_accuracy": right[t] / max(tokens[t], 1), "exact_samples": exact[t] / samples[t]}
+        if seen[t]:
+            per_task[t].update(accuracy=hits[t] / seen[t], actions=seen[t])
     return {
         "actions_scored": total,
         "accuracy": sum(hits.values()) / total if total else 0.0,
         "majority_action": majority,
         "majority_baseline": majority_count / total if total else 0.0,
-        "per_task": {t: {"accuracy": hits[t] / seen[t], "actions": seen[t]} for t in sorted(seen)},
+        "per_task": per_task,
         "per_action": {a: {"accuracy": hits_by_action[a] / by_action[a], "actions": by_action[a]}
                        for a in sorted(by_action)},
     }
 
 
 def format_report(result: dict) -> str:
-    lines = [f"next-action accuracy {result['accuracy']:.3f} over {result['actions_scored']} actions; "
-             f"majority baseline ({result['majority_action']}) {result['majority_baseline']:.3f}; "
-             f"gain {100 * (result['accuracy'] - result['majority_baseline']):+.1f} points"]
-    lines += [f"  task {t:10s} {v['accuracy']:.3f} ({v['actions']} actions)" for t, v in result["per_task"].items()]
+    lines = []
+    if result["actions_scored"]:
+        lines.append(f"next-action accuracy {result['accuracy']:.3f} over {result['actions_scored']} actions; "
+                     f"majority baseline ({result['majority_action']}) {result['majority_baseline']:.3f}; "
+                     f"gain {100 * (result['accuracy'] - result['majority_baseline']):+.1f} points")
+    for t, v in result["per_task"].items():
+        actions = f", next action {v['accuracy']:.3f} ({v['actions']} actions)" if "accuracy" in v else ""
+        lines.append(f"  task {t:10s} loss {v['loss']:.3f}, token accuracy {v['token_accuracy']:.3f} "
+                     f"({v['tokens']} tokens), whole answers right {v['exact_samples']:.3f} ({v['samples']} samples)"
+                     f"{actions}")
     lines += [f"  action {a:8s} {v['accuracy']:.3f} ({v['actions']} actions)" for a, v in result["per_action"].items()]
     return "\n".join(lines)
 
@@ -65,7 +90,7 @@ def format_report(result: dict) -> str:
 @click.option("--max-batches", type=int, help="Stop after this many batches [one epoch].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 def main(checkpoint, mix_path, max_batches, out_path):
-    """Teacher-forced next-action accuracy of a model on held-out shards, per task and per action."""
+    """Teacher-forced accuracy of a model on held-out shards: per task (tokens, whole answers) and per action."""
     from streamvln.data import build_loader, load_mix
     from streamvln.model.build import build_model
 
