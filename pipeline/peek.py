@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from PIL import Image, ImageDraw
 from .shard_writer import read_sample_bytes, sha256_file
 from .task_dir import load_manifest
 from .tokens import IGNORE_INDEX, IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
-
 
 
 def histogram(values: np.ndarray, bins: int = 8, width: int = 30) -> list[str]:
@@ -31,19 +31,20 @@ def summary(task: Path) -> str:
     manifest = load_manifest(task)
     index = pq.read_table(task / "index.parquet").to_pydict()
     lines = [f"{task}  task={manifest['task']}"]
+    unit = "episodes" if manifest["task"] == "nav" else "records"
     for split, info in manifest["splits"].items():
         c = info["counts"]
         rows = [i for i, s in enumerate(index["split"]) if s == split]
         lines += [
             f"\n[{split}] {len(info['shards'])} shards, {c['samples_written']} samples, "
             f"{sum(s['bytes'] for s in info['shards']) / 1e6:.1f} MB",
-            f"episodes: {c['episodes_in']} in = {c['episodes_written']} written + {c['episodes_rejected']} rejected; "
+            f"{unit}: {c['episodes_in']} in = {c['episodes_written']} written + {c['episodes_rejected']} rejected; "
             f"samples rejected: {c['samples_rejected']}",
             f"options: {json.dumps(info['options'], sort_keys=True)}",
             "per source:",
         ]
         for source, s in info["per_source"].items():
-            lines.append(f"  {source:12s} episodes in {s.get('episodes_in', 0):6d}  written {s.get('episodes_written', 0):6d}"
+            lines.append(f"  {source:12s} {unit} in {s.get('episodes_in', 0):6d}  written {s.get('episodes_written', 0):6d}"
                          f"  rejected {s.get('episodes_rejected', 0):6d}  samples {s.get('samples_written', 0):7d}")
         for column, title in (("n_tokens", "text tokens"), ("n_frames", "frames"), ("n_labels", "labelled tokens")):
             values = np.array([index[column][i] for i in rows])
@@ -90,19 +91,33 @@ def render_dialogue(tok, input_ids: np.ndarray, labels: np.ndarray, color: bool 
     return "".join(out)
 
 
+def frame_captions(meta: dict) -> list[str]:
+    """What each stored frame is: history/current step (navigation), time stamp (video), file (scene, MMC4)."""
+    if meta.get("task", "nav") == "nav":
+        return ([f"history frame {i}" for i in meta.get("history_frames", [])] +
+                [f"current frame {i}" for i in meta.get("current_frames", [])])
+    if "frame_times" in meta:
+        return [f"frame {i} @ {t:.2f}s" for i, t in zip(meta["frame_indices"], meta["frame_times"])]
+    return list(meta.get("frame_files") or meta.get("images") or [])
+
+
 def contact_sheet(meta: dict, frames: list[bytes], thumb: int = 192, columns: int = 8) -> Image.Image:
-    """Frames in stored order (history, then current), each captioned with its role and frame index."""
-    roles = [("H", i) for i in meta.get("history_frames", [])] + [("C", i) for i in meta.get("current_frames", [])]
-    roles += [("?", -1)] * (len(frames) - len(roles))
+    """Frames in stored order, each captioned (see frame_captions); history frames in orange."""
+    captions = frame_captions(meta)
+    captions += ["frame"] * (len(frames) - len(captions))
     rows = max(1, -(-len(frames) // columns))
     sheet = Image.new("RGB", (columns * thumb, rows * (thumb + 16)), (30, 30, 30))
     draw = ImageDraw.Draw(sheet)
-    for n, (jpg, (role, index)) in enumerate(zip(frames, roles)):
+    for n, (jpg, caption) in enumerate(zip(frames, captions)):
         x, y = (n % columns) * thumb, (n // columns) * (thumb + 16)
         sheet.paste(Image.open(io.BytesIO(jpg)).convert("RGB").resize((thumb, thumb)), (x, y + 16))
-        caption = f"{'history' if role == 'H' else 'current'} frame {index}" if role != "?" else "frame"
-        draw.text((x + 4, y + 2), caption, fill=(255, 200, 80) if role == "H" else (120, 220, 255))
+        draw.text((x + 4, y + 2), caption, fill=(255, 200, 80) if caption.startswith("history") else (120, 220, 255))
     return sheet
+
+
+def _short(text: str) -> str:
+    """A run of <image> tokens shown as one count, so a 32-frame turn stays readable."""
+    return re.sub(r"(?:<image>){2,}", lambda m: f"<image>x{len(m.group()) // len('<image>')}", text)
 
 
 def show_sample(task: Path, key: str, tok, sheet_path: Path | None, color: bool = True) -> str:
@@ -112,7 +127,12 @@ def show_sample(task: Path, key: str, tok, sheet_path: Path | None, color: bool 
     labels = np.load(io.BytesIO(members["labels.npy"]), allow_pickle=False)
     frames = [members[k] for k in sorted(k for k in members if k.endswith(".jpg"))]
     lines = [f"{key}  ({row['shard']} @ {row['offset']}, {row['size']} bytes)"]
-    lines += [f"  {k}: {v}" for k, v in meta.items() if k not in ("key",)]
+    lines += [f"  {k}: {v}" for k, v in meta.items() if k not in ("key", "turns")]
+    if "turns" in meta:
+        lines.append(f"\n--- {len(meta['turns']) // 2} exchanges ---")
+        lines += [f"  {who:5s} {_short(text)!r}" for who, text in meta["turns"]]
+    lines.append(f"\n--- frames ({len(frames)}) ---")
+    lines += [f"  f{i:03d}  {caption}" for i, caption in enumerate(frame_captions(meta))]
     lines.append(f"\n--- dialogue ({len(input_ids)} tokens, {int((labels != IGNORE_INDEX).sum())} labelled"
                  f"{', labelled spans in green' if color else ', labelled spans in [[ ]]'}) ---")
     lines.append(render_dialogue(tok, input_ids, labels, color))

@@ -64,3 +64,47 @@ def test_verify_passes_then_catches_a_flipped_byte_and_a_bad_member(task):
     assert result.returncode == 1 and "problem(s)" in result.stderr
     shard.unlink()
     assert any("missing" in p for p in verify(task))
+
+
+@pytest.fixture(scope="module")
+def cotrain_tasks(tmp_path_factory, tokenizer_dir):
+    from pipeline.config import MMC4ShardConfig, VideoQAShardConfig
+    from pipeline.cotrain import run_cotrain
+    from pipeline.synth_cotrain import write_cotrain_demo
+
+    root = tmp_path_factory.mktemp("peek")
+    write_cotrain_demo(root / "data", count=4, val_count=2, seed=2)
+    d = root / "data"
+    run_cotrain("videoqa", [(d / "videoqa" / "academic.json", None)], d / "videoqa" / "videos", root / "shards",
+                VideoQAShardConfig(image_size=32, frames_upbound=4, add_time_instruction=True), tokenizer_dir,
+                progress=False)
+    run_cotrain("mmc4", [(d / "mmc4" / "docs.jsonl", None)], d / "mmc4" / "images", root / "shards",
+                MMC4ShardConfig(image_size=32), tokenizer_dir, progress=False)
+    return root / "shards"
+
+
+def test_peek_shows_video_qa_turns_and_frame_times(cotrain_tasks, tokenizer_dir, tmp_path):
+    task = cotrain_tasks / "videoqa"
+    assert "records: 2 in = 2 written + 0 rejected" in summary(task)
+    sheet = tmp_path / "v.png"
+    result = peek(task, "--sample", "academic-0000000-academic_0000", "--tokenizer", tokenizer_dir, "--no-color",
+                  "--sheet", sheet)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "--- 2 exchanges ---" in out and "human '<image>x4\\nThe video lasts for" in out
+    assert "gpt   'The ball is " in out
+    times = [line for line in out.splitlines() if line.startswith("  f00")]
+    assert len(times) == 4 and times[0] == "  f000  frame 0 @ 0.00s" and " @ " in times[-1]
+    with Image.open(sheet) as im:
+        assert im.width == 8 * 192 and im.height == 192 + 16
+
+
+def test_peek_shows_mmc4_exchanges_and_images(cotrain_tasks, tokenizer_dir):
+    task = cotrain_tasks / "mmc4"
+    result = peek(task, "--sample", "docs-0000000-https___example_com_docs_0", "--tokenizer", tokenizer_dir,
+                  "--no-color", "--sheet", task.parent / "m.png")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "exchanges ---" in out and "gpt   'This photo shows a " in out and "<IMAGE>" in out
+    assert "  f000  docs_0000_0.jpg" in out
+    assert peek(task, "--verify").returncode == 0
