@@ -9,6 +9,9 @@ TOKENIZER := build/qwen2_tokenizer
 DEMO := data/demo
 SRCS := --src $(DEMO)/R2R --src $(DEMO)/RxR
 VAL_SRCS := --src $(DEMO)/val/R2R --src $(DEMO)/val/RxR
+# The co-training demo shards: 112x112 frames (the tiny model's input), at most 8 frames a sample.
+COTRAIN := --tokenizer $(TOKENIZER) --out shards --image-size 112 --samples-per-shard 32 --quiet
+FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
 .PHONY: help install tokenizer demo-data shards demo test bench clean
 
@@ -35,16 +38,29 @@ $(TOKENIZER)/tokenizer.json: build/qwen.tiktoken
 
 tokenizer: $(TOKENIZER)/tokenizer.json  ## build the Qwen2 tokenizer locally into build/qwen2_tokenizer
 
-$(DEMO)/RxR/annotations.json: | $(VENV)/.installed
+# mmc4/val.jsonl is the last file synth writes
+$(DEMO)/mmc4/val.jsonl: | $(VENV)/.installed
 	$(BIN)/streamvln-shards synth --out $(DEMO)
 
-demo-data: $(DEMO)/RxR/annotations.json  ## write the synthetic demo trajectories into data/demo
+demo-data: $(DEMO)/mmc4/val.jsonl  ## write the synthetic demo sources (trajectories, videos, scenes, documents) into data/demo
 
-shards: tokenizer demo-data  ## write shards/nav (train and val splits) from the demo data
+shards: tokenizer demo-data  ## write shards/{nav,videoqa,scanqa,mmc4} (train and val splits) from the demo data
 	$(BIN)/streamvln-shards nav $(SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --quiet
 	$(BIN)/streamvln-shards nav $(VAL_SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --split val --quiet
+	$(BIN)/streamvln-shards videoqa --data-config $(DEMO)/videoqa/data_config.yaml --video-root $(DEMO)/videoqa/videos \
+		--config configs/shards/videoqa.yaml --frames-upbound 8 --add-time-instruction $(COTRAIN)
+	$(BIN)/streamvln-shards videoqa --json $(DEMO)/videoqa/val.json --video-root $(DEMO)/videoqa/videos \
+		--config configs/shards/videoqa.yaml --frames-upbound 8 --add-time-instruction $(COTRAIN) --split val
+	$(BIN)/streamvln-shards scanqa --json $(DEMO)/scanqa/scanqa.json --json $(DEMO)/scanqa/sqa3d.json \
+		--scene-root $(DEMO)/scanqa/scenes --config configs/shards/scanqa.yaml --frames-upbound 8 $(COTRAIN)
+	$(BIN)/streamvln-shards scanqa --json $(DEMO)/scanqa/val.json --scene-root $(DEMO)/scanqa/scenes \
+		--config configs/shards/scanqa.yaml --frames-upbound 8 $(COTRAIN) --split val
+	$(BIN)/streamvln-shards mmc4 --jsonl $(DEMO)/mmc4/docs.jsonl --image-root $(DEMO)/mmc4/images \
+		--config configs/shards/mmc4.yaml $(COTRAIN)
+	$(BIN)/streamvln-shards mmc4 --jsonl $(DEMO)/mmc4/val.jsonl --image-root $(DEMO)/mmc4/images \
+		--config configs/shards/mmc4.yaml $(COTRAIN) --split val
 
-demo: shards  ## fresh machine to a trained model: install, tokenizer, data, shards, peek, train, evaluate
+demo: shards  ## fresh machine to trained models: install, tokenizer, data, shards, peek, train stage 1 + 2, evaluate
 	tools/peek shards/nav
 	tools/peek shards/nav --verify
 	tools/peek shards/nav --tokenizer $(TOKENIZER) --no-color \
@@ -53,14 +69,22 @@ demo: shards  ## fresh machine to a trained model: install, tokenizer, data, sha
 	rm -rf runs/demo
 	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo.yaml --output-dir runs/demo
 	$(BIN)/streamvln-eval --checkpoint runs/demo/final --shards configs/data/demo_val.yaml --out runs/demo/eval.json
+	tools/peek shards/videoqa --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,videoqa) --sheet shards/peek-videoqa.png
+	tools/peek shards/mmc4 --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,mmc4) --sheet shards/peek-mmc4.png
+	@echo "stage 1 model on every task's held-out samples (before stage 2):"
+	$(BIN)/streamvln-eval --checkpoint runs/demo/final --shards configs/data/demo_stage2_val.yaml --out runs/demo/eval_all_tasks.json
+	rm -rf runs/demo_stage2
+	$(BIN)/streamvln-train --shards configs/data/demo_stage2.yaml --config configs/train/demo_stage2.yaml --output-dir runs/demo_stage2
+	$(BIN)/streamvln-eval --checkpoint runs/demo_stage2/final --shards configs/data/demo_stage2_val.yaml --out runs/demo_stage2/eval.json
 
 test: install tokenizer  ## run the test suite (installs what it needs)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
 
 bench: install tokenizer shards  ## benchmarks: print throughput and memory numbers (not tests)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_shards.py
+	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_cotrain.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_loader.py
 	$(PY) tests/bench/bench_train.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
-	rm -rf $(DEMO) shards/nav shards/peek-example.png runs/demo
+	rm -rf $(DEMO) shards/nav shards/videoqa shards/scanqa shards/mmc4 shards/peek-*.png runs/demo runs/demo_stage2

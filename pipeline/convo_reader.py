@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,11 @@ import yaml
 from .reader import AnnotationError, Reject, load_annotations
 
 ROLES = ("human", "gpt")
+
+
+def inside_root(path) -> bool:
+    """A relative path that stays below the media root (no absolute paths, no '..')."""
+    return isinstance(path, str) and bool(path) and not os.path.isabs(path) and ".." not in Path(path).parts
 
 
 @dataclass(frozen=True)
@@ -130,12 +136,12 @@ def read_conversations(path: Path, spec: DatasetSpec | None = None, seed: int = 
         ref = f"{path.stem}.json[{pos}] id={episode_id}"
         media = entry.get(media_key)
         problem = turn_order_problem(entry.get("conversations"))
-        if problem is None and (not isinstance(media, str) or not media):
-            problem = f"bad annotation: no {media_key!r} path"
+        media = f"{entry['data_source']}/{media}" if entry.get("data_source") and isinstance(media, str) else media
+        if problem is None and not inside_root(media):
+            problem = f"bad annotation: {media_key!r} is not a relative path inside the media root: {media!r}"
         if problem is not None:
             rejects.append(Reject(ref, problem, source, episode_id))
             continue
-        media = f"{entry['data_source']}/{media}" if entry.get("data_source") else media
         turns = tuple((t["from"], t["value"]) for t in entry["conversations"])
         records.append(Record(source, path.stem, pos, episode_id, media, turns))
     return records, rejects, len(entries)
@@ -210,7 +216,7 @@ def _document_problem(doc) -> str | None:
         return "empty conversation: the document has no images"
     for info in images:
         index = info.get("matched_text_index") if isinstance(info, dict) else None
-        if not isinstance(info, dict) or not isinstance(info.get("image_name"), str) or \
+        if not isinstance(info, dict) or not inside_root(info.get("image_name")) or \
                 type(index) is not int or not 0 <= index < len(text):
             return f"bad annotation: image_info entry {info!r} lacks image_name or a valid matched_text_index"
     return None

@@ -138,6 +138,7 @@ def test_each_bad_video_record_is_rejected_with_its_reason(tmp_path, tokenizer_d
         {"id": "long", "video": "ok.mp4", "conversations": turns("<image>\n" + "why " * 300, "A.")},
         {"id": "tokens", "video": "ok.mp4", "conversations": turns("<image>\nQ?", "A.", "<image> again?", "B.")},
         {"id": "novideo", "conversations": good},
+        {"id": "escape", "video": "../../outside.mp4", "conversations": good},
     ]
     for r in records:
         r["data_source"] = "src"
@@ -150,6 +151,7 @@ def test_each_bad_video_record_is_rejected_with_its_reason(tmp_path, tokenizer_d
     assert reasons["unanswered"].startswith("turn order not human/gpt alternating")
     assert reasons["long"].startswith("too many tokens:") and reasons["tokens"].startswith("media tokens:")
     assert reasons["novideo"].startswith("bad annotation:") and "ok" not in reasons
+    assert "inside the media root" in reasons["escape"]
     assert manifest["counts"]["samples_written"] == 1
     assert manifest["rejects_by_reason"]["turn order not human/gpt alternating"] == 2
 
