@@ -11,6 +11,7 @@ SRCS := --src $(DEMO)/R2R --src $(DEMO)/RxR
 VAL_SRCS := --src $(DEMO)/val/R2R --src $(DEMO)/val/RxR
 # The co-training demo shards: 112x112 frames (the tiny model's input), at most 8 frames a sample.
 COTRAIN := --tokenizer $(TOKENIZER) --out shards --image-size 112 --samples-per-shard 32 --quiet
+WORDS := --words red,green,blue,yellow,white,black,left,right,circle,square,triangle
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
 .PHONY: help install tokenizer demo-data shards demo test bench clean
@@ -48,9 +49,9 @@ shards: tokenizer demo-data  ## write shards/{nav,videoqa,scanqa,mmc4} (train an
 	$(BIN)/streamvln-shards nav $(SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --quiet
 	$(BIN)/streamvln-shards nav $(VAL_SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --split val --quiet
 	$(BIN)/streamvln-shards videoqa --data-config $(DEMO)/videoqa/data_config.yaml --video-root $(DEMO)/videoqa/videos \
-		--config configs/shards/videoqa.yaml --frames-upbound 8 --add-time-instruction $(COTRAIN)
+		--config configs/shards/videoqa.yaml --frames-upbound 8 $(COTRAIN)
 	$(BIN)/streamvln-shards videoqa --json $(DEMO)/videoqa/val.json --video-root $(DEMO)/videoqa/videos \
-		--config configs/shards/videoqa.yaml --frames-upbound 8 --add-time-instruction $(COTRAIN) --split val
+		--config configs/shards/videoqa.yaml --frames-upbound 8 $(COTRAIN) --split val
 	$(BIN)/streamvln-shards scanqa --json $(DEMO)/scanqa/scanqa.json --json $(DEMO)/scanqa/sqa3d.json \
 		--scene-root $(DEMO)/scanqa/scenes --config configs/shards/scanqa.yaml --frames-upbound 8 $(COTRAIN)
 	$(BIN)/streamvln-shards scanqa --json $(DEMO)/scanqa/val.json --scene-root $(DEMO)/scanqa/scenes \
@@ -72,10 +73,10 @@ demo: shards  ## fresh machine to trained models: install, tokenizer, data, shar
 	tools/peek shards/videoqa --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,videoqa) --sheet shards/peek-videoqa.png
 	tools/peek shards/mmc4 --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,mmc4) --sheet shards/peek-mmc4.png
 	@echo "stage 1 model on every task's held-out samples (before stage 2):"
-	$(BIN)/streamvln-eval --checkpoint runs/demo/final --shards configs/data/demo_stage2_val.yaml --out runs/demo/eval_all_tasks.json
+	$(BIN)/streamvln-eval --checkpoint runs/demo/final --shards configs/data/demo_stage2_val.yaml --out runs/demo/eval_all_tasks.json $(WORDS)
 	rm -rf runs/demo_stage2
 	$(BIN)/streamvln-train --shards configs/data/demo_stage2.yaml --config configs/train/demo_stage2.yaml --output-dir runs/demo_stage2
-	$(BIN)/streamvln-eval --checkpoint runs/demo_stage2/final --shards configs/data/demo_stage2_val.yaml --out runs/demo_stage2/eval.json
+	$(BIN)/streamvln-eval --checkpoint runs/demo_stage2/final --shards configs/data/demo_stage2_val.yaml --out runs/demo_stage2/eval.json $(WORDS)
 
 test: install tokenizer  ## run the test suite (installs what it needs)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q

@@ -111,9 +111,12 @@ CHECK_TURNS = {"videoqa": lambda turns: video_qa_turns(turns, 1), "scanqa": lamb
 # ---------------------------------------------------------------- planning and running
 
 
-def plan_task(task: str, inputs: list[tuple[Path, DatasetSpec | None]], root: Path, cfg: CotrainShardConfig,
+def plan_task(task: str, inputs: list[tuple[Path, DatasetSpec | None]], cfg: CotrainShardConfig,
               tokenizer: dict) -> tuple[dict, list[list]]:
-    """Read and select every input file, reject what can be rejected without media, group records into shards."""
+    """Read and select every input file, reject what can be rejected without media, group records into shards.
+
+    Like the navigation plan it records the inputs' contents (sha256), not where the media are mounted,
+    so parts may run on machines that see the same data under other paths."""
     stems = [Path(p).stem for p, _ in inputs]
     if len(set(stems)) != len(stems):
         raise AnnotationError(f"input file names must be distinct (they name the samples): {stems}")
@@ -147,7 +150,7 @@ def plan_task(task: str, inputs: list[tuple[Path, DatasetSpec | None]], root: Pa
         counts.update(c)
     groups = group_units(units, [1] * len(units), cfg.samples_per_shard)
     plan = {"task": task, "split": cfg.split, "schema_version": SCHEMA_VERSION, "options": asdict(cfg),
-            "media_root": str(root), "sources": source_info, "tokenizer": tokenizer, "num_shards": len(groups),
+            "sources": source_info, "tokenizer": tokenizer, "num_shards": len(groups),
             "shard_episodes": [len(g) for g in groups], "planning": planning_section(counts, per_source, rejects)}
     return plan, groups
 
@@ -161,7 +164,7 @@ def run_cotrain(task: str, inputs: list[tuple[str | Path, DatasetSpec | None]], 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"media root {root} is not a folder")
     tok = load_tokenizer(tokenizer_path)
-    plan, groups = plan_task(task, [(Path(p), s) for p, s in inputs], Path(root), cfg, tokenizer_info(tok))
+    plan, groups = plan_task(task, [(Path(p), s) for p, s in inputs], cfg, tokenizer_info(tok))
     build = BUILDERS[task]
 
     def make_build():

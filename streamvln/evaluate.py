@@ -18,13 +18,17 @@ ACTIONS = {76286: "FORWARD", 71858: "LEFT", 51018: "RIGHT", 50669: "STOP"}
 
 
 @torch.no_grad()
-def evaluate(model, loader, task_names: list[str], max_batches: int | None = None, device="cpu") -> dict:
+def evaluate(model, loader, task_names: list[str], max_batches: int | None = None, device="cpu",
+             word_ids: list[int] | None = None) -> dict:
     """Per mix task: loss and accuracy over every labelled token, and the share of samples whose every labelled
-    token is right (the whole answer, teacher-forced); for action tokens also next-action accuracy."""
+    token is right (teacher-forced: every answer and the always-labelled tokens around the turns); for action
+    tokens also next-action accuracy; with word_ids, accuracy where the target is one of those tokens (the
+    words that carry an answer, e.g. colours: the rest of an answer is mostly predictable boilerplate)."""
     model.eval()
     hits, seen, by_action, hits_by_action = Counter(), Counter(), Counter(), Counter()
     tokens, right, loss, samples, exact = Counter(), Counter(), Counter(), Counter(), Counter()
-    action_ids = torch.tensor(list(ACTIONS))
+    word_hits, word_seen = Counter(), Counter()
+    action_ids, word_ids = torch.tensor(list(ACTIONS)), torch.tensor(word_ids or [], dtype=torch.long)
     for batch in islice(loader, max_batches):
         batch = to_device(batch, device)
         out = model(**batch)
@@ -40,6 +44,10 @@ def evaluate(model, loader, task_names: list[str], max_batches: int | None = Non
             samples[name] += 1
             exact[name] += n > 0 and int(correct[i]) == n
         tasks = mix_ids[owner]
+        words = torch.isin(targets, word_ids)
+        for ok, task in zip((targets == predictions)[words].tolist(), tasks[words].tolist()):
+            word_seen[task_names[task]] += 1
+            word_hits[task_names[task]] += ok
         scored = torch.isin(targets, action_ids)
         for target, pred, task in zip(targets[scored].tolist(), predictions[scored].tolist(), tasks[scored].tolist()):
             name, action = task_names[task], ACTIONS[target]
@@ -56,6 +64,8 @@ def evaluate(model, loader, task_names: list[str], max_batches: int | None = Non
                        "token_accuracy": right[t] / max(tokens[t], 1), "exact_samples": exact[t] / samples[t]}
         if seen[t]:
             per_task[t].update(accuracy=hits[t] / seen[t], actions=seen[t])
+        if word_seen[t]:
+            per_task[t].update(word_accuracy=word_hits[t] / word_seen[t], words=word_seen[t])
     return {
         "actions_scored": total,
         "accuracy": sum(hits.values()) / total if total else 0.0,
@@ -75,11 +85,26 @@ def format_report(result: dict) -> str:
                      f"gain {100 * (result['accuracy'] - result['majority_baseline']):+.1f} points")
     for t, v in result["per_task"].items():
         actions = f", next action {v['accuracy']:.3f} ({v['actions']} actions)" if "accuracy" in v else ""
+        actions += f", answer words {v['word_accuracy']:.3f} ({v['words']})" if "word_accuracy" in v else ""
         lines.append(f"  task {t:10s} loss {v['loss']:.3f}, token accuracy {v['token_accuracy']:.3f} "
-                     f"({v['tokens']} tokens), whole answers right {v['exact_samples']:.3f} ({v['samples']} samples)"
+                     f"({v['tokens']} tokens), samples all right {v['exact_samples']:.3f} ({v['samples']} samples)"
                      f"{actions}")
     lines += [f"  action {a:8s} {v['accuracy']:.3f} ({v['actions']} actions)" for a, v in result["per_action"].items()]
     return "\n".join(lines)
+
+
+def answer_word_ids(tokenizer_dir: str, words: list[str]) -> list[int]:
+    """The first token of each word, written alone and after a space (how it appears inside a sentence)."""
+    from pipeline.qwen_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = set()
+    for word in (w.strip() for w in words if w.strip()):
+        for text in (word, " " + word):
+            ids.add(tok(text, add_special_tokens=False)["input_ids"][0])
+    if not ids:
+        raise ValueError("--words names no word")
+    return sorted(ids)
 
 
 @click.command()
@@ -89,8 +114,10 @@ def format_report(result: dict) -> str:
               help="Data-mix YAML of the held-out shards (e.g. configs/data/demo_val.yaml).")
 @click.option("--max-batches", type=int, help="Stop after this many batches [one epoch].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
-def main(checkpoint, mix_path, max_batches, out_path):
-    """Teacher-forced accuracy of a model on held-out shards: per task (tokens, whole answers) and per action."""
+@click.option("--words", help="Comma-separated answer words (e.g. red,green,left): also report the accuracy where "
+                              "the target is one of them (with or without a leading space), per task.")
+def main(checkpoint, mix_path, max_batches, out_path, words):
+    """Teacher-forced accuracy of a model on held-out shards: per task (tokens, answer words) and per action."""
     from streamvln.data import build_loader, load_mix
     from streamvln.model.build import build_model
 
@@ -99,9 +126,10 @@ def main(checkpoint, mix_path, max_batches, out_path):
     try:
         mix = load_mix(mix_path, finite=True)
         model = build_model(None, checkpoint)
-    except (ConfigError, FileNotFoundError) as e:
+        word_ids = answer_word_ids(checkpoint, words.split(",")) if words else None
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    result = evaluate(model, build_loader(mix), [t.name for t in mix.tasks], max_batches)
+    result = evaluate(model, build_loader(mix), [t.name for t in mix.tasks], max_batches, word_ids=word_ids)
     click.echo(format_report(result))
     if out_path:
         Path(out_path).write_text(json.dumps(result, indent=1) + "\n")

@@ -11,7 +11,7 @@ from pipeline.synth_cotrain import write_cotrain_demo
 from pipeline.tokens import IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
 from streamvln.data import build_loader
 from streamvln.data.config import MixConfig, TaskMix
-from streamvln.evaluate import evaluate, format_report
+from streamvln.evaluate import answer_word_ids, evaluate, format_report
 from streamvln.model import StreamVLNConfig, StreamVLNForCausalLM
 from test_train import TINY
 
@@ -66,14 +66,18 @@ def test_a_mixed_batch_trains_every_task(stage2_shards):
     assert vision.grad is not None and vision.grad.abs().sum() > 0
 
 
-def test_evaluation_reports_every_task(stage2_shards):
+def test_evaluation_reports_every_task(stage2_shards, tokenizer_dir):
     torch.manual_seed(0)
     model = StreamVLNForCausalLM(StreamVLNConfig(**TINY))
     names = ["nav", "videoqa", "scanqa", "mmc4"]
-    result = evaluate(model, build_loader(mix(stage2_shards, finite=True), num_workers=0), names, max_batches=3)
+    colours = answer_word_ids(tokenizer_dir, ["red", "green", "blue", "yellow", "white", "black"])
+    assert len(colours) == 12  # each colour alone and after a space
+    result = evaluate(model, build_loader(mix(stage2_shards, finite=True), num_workers=0), names, max_batches=3,
+                      word_ids=colours)
     assert set(result["per_task"]) == set(names)
     for name, v in result["per_task"].items():
         assert v["samples"] == 3 and v["tokens"] > 0 and 0 <= v["token_accuracy"] <= 1 and v["loss"] > 0
         assert ("accuracy" in v) == (name == "nav")  # next-action accuracy only where there are actions
+        assert ("word_accuracy" in v) == (name != "nav") and v.get("words", 3) >= 3  # every answer names a colour
     report = format_report(result)
     assert all(f"task {name}" in report for name in names) and "next-action accuracy" in report

@@ -80,7 +80,7 @@ def main():
         print(f"floor (decode + resize + JPEG encode, 1 process): {VIDEOS / floor:.2f} videos/s")
 
         tok = load_tokenizer(tokenizer)
-        _, groups = plan_task("videoqa", [(annotations, None)], work, cfg, {})
+        _, groups = plan_task("videoqa", [(annotations, None)], cfg, {})
         ids = TokenIds.of(tok)
         (work / "steady").mkdir()
         start = time.perf_counter()
