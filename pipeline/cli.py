@@ -55,45 +55,6 @@ def synth(out, episodes, val_episodes, seed, width, height, cotrain):
             click.echo(f"{folder}: demo {name} source")
 
 
-@main.command()
-@click.option("--src", "sources", multiple=True, required=True, type=click.Path(file_okay=False, exists=True),
-              help="Source folder with annotations.json and images/ (repeatable).")
-@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(file_okay=False, exists=True),
-              help="Local tokenizer directory (Qwen2).")
-@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
-              help="Shard root; the task folder <out>/nav is written.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
-              help="YAML with NavShardConfig keys (configs/shards/nav.yaml); options below override it.")
-@click.option("--num-frames", type=int, help="F, actions per sample [32].")
-@click.option("--num-future-steps", type=int, help="K, actions per assistant turn [4].")
-@click.option("--num-history", type=int, help="H, history frames [8].")
-@click.option("--remove-init-turns/--keep-init-turns", default=None, help="Drop leading turn-only steps [keep].")
-@click.option("--history-mode", type=click.Choice(["exact", "reference"]), help="[exact]")
-@click.option("--image-size", type=int, help="Frames are resized to this square size [384].")
-@click.option("--jpeg-quality", type=int, help="[95]")
-@click.option("--samples-per-shard", type=int, help="Target samples per shard [256].")
-@click.option("--max-tokens", type=int, help="Reject longer samples [32768].")
-@click.option("--seed", type=int, help="[0]")
-@click.option("--split", help="Shard name prefix, e.g. train or val [train].")
-@click.option("--workers", default=1, show_default=True, help="Processes writing shards.")
-@click.option("--part", default=0, show_default=True, help="This run's part (e.g. $SLURM_ARRAY_TASK_ID).")
-@click.option("--num-parts", default=1, show_default=True, help="Disjoint parts the shards are split into.")
-@click.option("--overwrite", is_flag=True, help="Delete this split's shards first instead of resuming.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def nav(sources, tokenizer_path, out, config_path, workers, part, num_parts, overwrite, quiet, **options):
-    """Write navigation shards from StreamVLN trajectory folders (resumes an interrupted run)."""
-    from .nav import run_nav
-    from .task_dir import PlanMismatch
-
-    try:
-        cfg = load_config(NavShardConfig, config_path, options)
-        summary = run_nav(sources, out, cfg, tokenizer_path, workers=workers, part=part, num_parts=num_parts,
-                          overwrite=overwrite, progress=not quiet)
-    except (ConfigError, AnnotationError, PlanMismatch, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(format_summary(summary))
-
-
 def run_options(f):
     """The options every shard command shares (after its own)."""
     options = [
@@ -118,6 +79,29 @@ def run_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+@main.command()
+@click.option("--src", "sources", multiple=True, required=True, type=click.Path(file_okay=False, exists=True),
+              help="Source folder with annotations.json and images/ (repeatable).")
+@run_options
+@click.option("--num-frames", type=int, help="F, actions per sample [32].")
+@click.option("--num-future-steps", type=int, help="K, actions per assistant turn [4].")
+@click.option("--num-history", type=int, help="H, history frames [8].")
+@click.option("--remove-init-turns/--keep-init-turns", default=None, help="Drop leading turn-only steps [keep].")
+@click.option("--history-mode", type=click.Choice(["exact", "reference"]), help="[exact]")
+def nav(sources, tokenizer_path, out, config_path, workers, part, num_parts, overwrite, quiet, **options):
+    """Write navigation shards from StreamVLN trajectory folders (resumes an interrupted run)."""
+    from .nav import run_nav
+    from .task_dir import PlanMismatch
+
+    try:
+        cfg = load_config(NavShardConfig, config_path, options)
+        summary = run_nav(sources, out, cfg, tokenizer_path, workers=workers, part=part, num_parts=num_parts,
+                          overwrite=overwrite, progress=not quiet)
+    except (ConfigError, AnnotationError, PlanMismatch, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_summary(summary))
 
 
 def _run_cotrain(task, cfg_class, inputs, root, tokenizer_path, out, config_path, workers, part, num_parts,
