@@ -51,7 +51,7 @@ def synth(out, episodes, val_episodes, seed, width, height, cotrain):
     for source, n in frames.items():
         click.echo(f"{Path(out) / source}: {n} frames")
     if cotrain:
-        for name, folder in write_cotrain_demo(out, count=cotrain, val_count=max(2, cotrain // 5), seed=seed).items():
+        for name, folder in write_cotrain_demo(out, count=cotrain, val_count=max(2, cotrain // 2), seed=seed).items():
             click.echo(f"{folder}: demo {name} source")
 
 

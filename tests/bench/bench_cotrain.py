@@ -28,7 +28,7 @@ from pipeline.synth_cotrain import write_video  # noqa: E402
 from pipeline.tokens import TokenIds  # noqa: E402
 from pipeline.video_frames import read_video  # noqa: E402
 
-VIDEOS, SECONDS, FPS = 24, 20, 30  # 600 frames a video; the reference's defaults take 32 of them
+VIDEOS, SECONDS, FPS = 64, 20, 30  # 600 frames a video; the reference's defaults take 32 of them
 
 
 def write_videos(root: Path) -> Path:
