@@ -1,6 +1,11 @@
 """End to end: video QA, ScanQA and MMC4 sources -> shards; bad inputs, determinism, workers, parts, resume, CLI."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +111,25 @@ def test_mmc4_resume_after_crash_redoes_only_unfinished_shards(demo, tokenizer_d
     (out / "manifest.json").unlink()
     summary = run_cotrain("mmc4", inputs, root, tmp_path / "crashed", cfg, tokenizer_dir, progress=False)
     assert summary["shards_written"] == 2 and shard_bytes(out) == want and not list(out.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_killed_video_workers_resume_to_identical_output(demo, tokenizer_dir, tmp_path):
+    args = [sys.executable, "-m", "pipeline.cli", "videoqa", "--data-config", str(demo / "videoqa" / "data_config.yaml"),
+            "--video-root", str(demo / "videoqa" / "videos"), "--tokenizer", str(tokenizer_dir), "--image-size", "32",
+            "--samples-per-shard", "1", "--workers", "2", "--quiet"]
+    subprocess.run(args + ["--out", str(tmp_path / "full")], check=True, capture_output=True)
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "killed" / "videoqa"
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and len(list(out.glob("*.stats.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes at once: no cleanup runs
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    subprocess.run(args + ["--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "full" / "videoqa")
 
 
 # ---------------------------------------------------------------- bad input
