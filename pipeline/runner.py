@@ -70,7 +70,8 @@ def write_shard(out: Path, split: str, shard_id: int, units: list, build: BuildF
             per_source.setdefault(unit.source, Counter()).update({outcome: 1, "samples_written": len(samples)})
             for sample in samples:
                 offset, size = writer.write(sample.key, sample.members())
-                index.append({"key": sample.key, "offset": offset, "size": size, **sample.row})
+                index.append({"key": sample.key, "offset": offset, "size": size,
+                              **{f: sample.row[f] for f in INDEX_FIELDS}})
     except BaseException:
         writer.abort()
         raise
@@ -123,8 +124,8 @@ def run_shards(out: Path, plan: dict, groups: list[list], make_build: Callable[[
                 bar.update()
     bar.close()
     missing = task_dir.finalize(out)
-    return {"out": str(out), "task": plan["task"], "split": split, "shards_planned": len(groups), "shards_in_part": len(mine),
-            "shards_skipped": len(mine) - len(jobs), "shards_written": len(written),
+    return {"out": str(out), "task": plan["task"], "split": split, "shards_planned": len(groups),
+            "shards_in_part": len(mine), "shards_skipped": len(mine) - len(jobs), "shards_written": len(written),
             "shards_missing": missing.get(split, 0), "manifest": None if missing.get(split) else
             task_dir.load_manifest(out)["splits"][split]}
 
