@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -41,6 +42,15 @@ def write_frames(folder: Path, n: int, size=(40, 30)) -> None:
     for i in range(n):
         colour = ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)
         Image.new("RGB", size, colour).save(folder / f"{i + 1:03d}.jpg", quality=95)
+
+
+def write_mp4(path: Path, n: int, fps: int, size=(64, 48)) -> None:
+    """Frame i is a flat grey of level 5*i, so the frames decoded can be told apart."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    for i in range(n):
+        writer.write(np.full((size[1], size[0], 3), 5 * i, np.uint8))
+    writer.release()
 
 
 def write_source(root: Path, name: str, episodes: list[dict], frames: dict | None = None) -> Path:

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import write_mp4
 from pipeline.config import MMC4ShardConfig, ScanQAShardConfig, VideoQAShardConfig
 from pipeline.convo_reader import (DatasetSpec, load_data_config, parse_strategy, read_conversations, read_mmc4,
                                    select)
@@ -17,15 +18,6 @@ from pipeline.tokens import IGNORE_INDEX, tokenize_dialogue
 from pipeline.video_frames import read_video, scene_frame_plan, video_frame_plan
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-
-
-def write_mp4(path: Path, n: int, fps: int, size=(64, 48)) -> None:
-    """Frame i is a flat grey of level 5*i, so the frames decoded can be told apart."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    for i in range(n):
-        writer.write(np.full((size[1], size[0], 3), 5 * i, np.uint8))
-    writer.release()
 
 
 def rendered(turns) -> str:

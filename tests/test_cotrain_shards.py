@@ -8,19 +8,20 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
 
+from conftest import write_mp4
 from pipeline.cli import main
 from pipeline.config import MMC4ShardConfig, ScanQAShardConfig, VideoQAShardConfig
 from pipeline.convo_reader import load_data_config
 from pipeline.cotrain import run_cotrain
 from pipeline.synth_cotrain import write_cotrain_demo
 from streamvln.data.shards import SampleReader, load_task
-from test_cotrain_readers import write_mp4
 
 CONFIGS = {"videoqa": VideoQAShardConfig, "scanqa": ScanQAShardConfig, "mmc4": MMC4ShardConfig}
 
@@ -181,8 +182,6 @@ def test_each_bad_video_record_is_rejected_with_its_reason(tmp_path, tokenizer_d
 
 
 def test_each_bad_scene_record_is_rejected_with_its_reason(tmp_path, tokenizer_dir):
-    from test_cotrain_readers import cv2
-
     scenes = tmp_path / "scenes"
     for name in ("ok", "corrupt"):
         (scenes / name).mkdir(parents=True)
@@ -205,8 +204,6 @@ def test_each_bad_scene_record_is_rejected_with_its_reason(tmp_path, tokenizer_d
 
 
 def test_each_bad_document_is_rejected_with_its_reason(tmp_path, tokenizer_dir):
-    from test_cotrain_readers import cv2
-
     images = tmp_path / "images"
     images.mkdir()
     cv2.imwrite(str(images / "ok.jpg"), np.full((20, 20, 3), 99, np.uint8))
