@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from .config import CotrainShardConfig, MMC4ShardConfig, ScanQAShardConfig, VideoQAShardConfig
 from .convo_reader import DatasetSpec, Document, Record, read_conversations, read_mmc4
@@ -18,33 +19,38 @@ from .reader import AnnotationError, Reject
 from .runner import Sample, group_units, planning_section, run_shards
 from .shard_writer import SCHEMA_VERSION, sha256_file
 from .tokens import IGNORE_INDEX, IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER, TokenIds, tokenize_dialogue
-from .video_frames import MediaError, list_scene_images, read_video, scene_frame_plan
+from .video_frames import MediaError, list_scene_images, open_video, scene_frame_plan
 
 
 def sample_key(unit: Record | Document) -> str:
     """Unique within a task folder: file stems are distinct and positions unique within a file."""
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", f"{unit.file}-{unit.position:07d}-{unit.episode_id[:48]}")
-    return safe
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{unit.file}-{unit.position:07d}-{unit.episode_id[:48]}")
 
 
 def _reject(unit, reason: str) -> tuple[list, list[Reject]]:
     return [], [Reject(unit.ref, reason, unit.source, unit.episode_id)]
 
 
-def make_sample(task: str, unit, turns, frames: list[bytes], meta: dict, cfg: CotrainShardConfig, tok,
-                ids: TokenIds) -> tuple[list[Sample], list[Reject]]:
-    """Tokenise the conversation and check it against its frames; one sample or the reason there is none."""
+def make_sample(task: str, unit, turns, n_frames: int, load_frames: Callable[[], list[bytes]], meta: dict,
+                cfg: CotrainShardConfig, tok, ids: TokenIds) -> tuple[list[Sample], list[Reject]]:
+    """Tokenise the conversation and check it against its frames; one sample or the reason there is none.
+
+    The frames (decoding, resizing, encoding: the expensive part) are loaded only for a sample that passes."""
     input_ids, labels = tokenize_dialogue(tok, ids, chat_turns(turns))
     if len(input_ids) > cfg.max_tokens:
         return _reject(unit, f"too many tokens: {len(input_ids)} > max_tokens {cfg.max_tokens}")
     n_images, n_memory = int((input_ids == IMAGE_PLACEHOLDER).sum()), int((input_ids == MEMORY_PLACEHOLDER).sum())
-    if n_images != len(frames) or n_memory:
+    if n_images != n_frames or n_memory:
         return _reject(unit, f"media tokens: {n_images} <image> and {n_memory} <memory> in the text for "
-                             f"{len(frames)} frames")
+                             f"{n_frames} frames")
+    try:
+        frames = load_frames()
+    except MediaError as e:
+        return _reject(unit, str(e))
     key = sample_key(unit)
     meta = {"schema_version": SCHEMA_VERSION, "task": task, "key": key, "source": unit.source,
             "episode_id": unit.episode_id, "file": unit.file, "position": unit.position, **meta,
-            "turns": [list(t) for t in turns], "n_history": 0, "n_frames": len(frames), "time_ids": [],
+            "turns": [list(t) for t in turns], "n_history": 0, "n_frames": n_frames, "time_ids": [],
             "image_size": cfg.image_size, "n_tokens": len(input_ids), "n_labels": int((labels != IGNORE_INDEX).sum())}
     row = {"source": unit.source, "episode": unit.episode_id, "instruction": 0, "start": 0,
            **{f: meta[f] for f in ("n_frames", "n_history", "n_tokens", "n_labels")}}
@@ -56,15 +62,16 @@ def make_sample(task: str, unit, turns, frames: list[bytes], meta: dict, cfg: Co
 
 def build_videoqa(record: Record, root: Path, cfg: VideoQAShardConfig, tok, ids: TokenIds):
     try:
-        clip = read_video(str(root / record.media), cfg.frames_upbound, cfg.video_fps, cfg.force_sample)
+        clip = open_video(str(root / record.media), cfg.frames_upbound, cfg.video_fps, cfg.force_sample)
     except MediaError as e:
         return _reject(record, str(e))
     time_text = time_instruction(clip.seconds, clip.times) if cfg.add_time_instruction else None
     turns = video_qa_turns(record.turns, len(clip.indices), time_text)
-    frames = [encode_array(f, cfg.image_size, cfg.jpeg_quality) for f in clip.frames]
     meta = {"video": record.media, "frame_indices": clip.indices, "frame_times": clip.times,
             "video_seconds": clip.seconds}
-    return make_sample("videoqa", record, turns, frames, meta, cfg, tok, ids)
+    return make_sample("videoqa", record, turns, len(clip.indices),
+                       lambda: [encode_array(f, cfg.image_size, cfg.jpeg_quality) for f in clip.decode()],
+                       meta, cfg, tok, ids)
 
 
 def _encode_files(folder: Path, names: list[str], cfg: CotrainShardConfig, reason: str) -> list[bytes]:
@@ -86,22 +93,19 @@ def build_scanqa(record: Record, root: Path, cfg: ScanQAShardConfig, tok, ids: T
     folder = root / record.media
     try:
         names = scene_frame_plan(list_scene_images(str(folder)), cfg.frame_stride, cfg.frames_upbound)
-        frames = _encode_files(folder, names, cfg, "frame")
     except MediaError as e:
         return _reject(record, str(e))
     turns = scene_qa_turns(record.turns, len(names))
-    return make_sample("scanqa", record, turns, frames, {"scene": record.media, "frame_files": names}, cfg, tok, ids)
+    return make_sample("scanqa", record, turns, len(names), lambda: _encode_files(folder, names, cfg, "frame"),
+                       {"scene": record.media, "frame_files": names}, cfg, tok, ids)
 
 
 def build_mmc4(doc: Document, root: Path, cfg: MMC4ShardConfig, tok, ids: TokenIds):
     images = mmc4_images(doc.images, cfg.max_images)
-    try:
-        frames = _encode_files(root, [name for name, _ in images], cfg, "image")
-    except MediaError as e:
-        return _reject(doc, str(e))
-    turns = mmc4_turns(doc.sentences, images)
-    meta = {"images": [name for name, _ in images], "matched_text_index": [i for _, i in images]}
-    return make_sample("mmc4", doc, turns, frames, meta, cfg, tok, ids)
+    names = [name for name, _ in images]
+    meta = {"images": names, "matched_text_index": [i for _, i in images]}
+    return make_sample("mmc4", doc, mmc4_turns(doc.sentences, images), len(names),
+                       lambda: _encode_files(root, names, cfg, "image"), meta, cfg, tok, ids)
 
 
 BUILDERS = {"videoqa": build_videoqa, "scanqa": build_scanqa, "mmc4": build_mmc4}

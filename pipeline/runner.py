@@ -16,7 +16,8 @@ from . import task_dir
 from .reader import Reject
 from .shard_writer import ShardWriter, json_bytes, npy_bytes, write_json_atomic
 
-INDEX_FIELDS = ("source", "episode", "instruction", "start", "n_frames", "n_history", "n_tokens", "n_labels")
+# What a task's builder supplies for each index row; key, split, shard, offset and size come from writing.
+INDEX_FIELDS = tuple(n for n in task_dir.INDEX_SCHEMA.names if n not in ("key", "split", "shard", "offset", "size"))
 
 
 @dataclass

@@ -15,10 +15,22 @@ class MediaError(ValueError):
 
 @dataclass
 class VideoClip:
-    frames: np.ndarray  # [n, H, W, 3] uint8 RGB
+    """An opened video and the frames planned from it; decode() reads them (only once the sample is wanted)."""
+
+    path: str
+    reader: object  # decord.VideoReader
     indices: list[int]
     times: list[float]  # seconds, as the time instruction states them
     seconds: float  # the video's length
+
+    def decode(self) -> np.ndarray:
+        """[n, H, W, 3] uint8 RGB frames of `indices`."""
+        import decord
+
+        try:
+            return self.reader.get_batch(self.indices).asnumpy()
+        except (RuntimeError, decord.DECORDError) as e:
+            raise MediaError(f"undecodable video: {self.path}: {str(e).splitlines()[0][:200]}") from None
 
 
 def video_frame_plan(total: int, fps: float, frames_upbound: int, video_fps: int,
@@ -39,8 +51,8 @@ def video_frame_plan(total: int, fps: float, frames_upbound: int, video_fps: int
     return indices, times
 
 
-def read_video(path: str, frames_upbound: int, video_fps: int, force_sample: bool) -> VideoClip:
-    """Decode the planned frames of a video file with decord (one thread: workers are the parallelism)."""
+def open_video(path: str, frames_upbound: int, video_fps: int, force_sample: bool) -> VideoClip:
+    """Open a video file with decord (one thread: workers are the parallelism) and plan its frames."""
     import decord
 
     if not os.path.isfile(path):
@@ -48,13 +60,12 @@ def read_video(path: str, frames_upbound: int, video_fps: int, force_sample: boo
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         total, fps = len(reader), float(reader.get_avg_fps())
-        if total < 1 or not fps > 0:
-            raise MediaError(f"undecodable video: {path} reports {total} frames at {fps} fps")
-        indices, times = video_frame_plan(total, fps, frames_upbound, video_fps, force_sample)
-        frames = reader.get_batch(indices).asnumpy()
     except (RuntimeError, decord.DECORDError) as e:  # decord's errors for unreadable containers and streams
         raise MediaError(f"undecodable video: {path}: {str(e).splitlines()[0][:200]}") from None
-    return VideoClip(frames, indices, times, total / fps)
+    if total < 1 or not fps > 0:
+        raise MediaError(f"undecodable video: {path} reports {total} frames at {fps} fps")
+    indices, times = video_frame_plan(total, fps, frames_upbound, video_fps, force_sample)
+    return VideoClip(path, reader, indices, times, total / fps)
 
 
 def _frame_order(name: str):

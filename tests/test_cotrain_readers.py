@@ -15,7 +15,7 @@ from pipeline.cotrain import build_mmc4, build_scanqa, build_videoqa
 from pipeline.cotrain_dialogue import DialogueError, mmc4_turns, scene_qa_turns, video_qa_turns
 from pipeline.reader import AnnotationError
 from pipeline.tokens import IGNORE_INDEX, tokenize_dialogue
-from pipeline.video_frames import read_video, scene_frame_plan, video_frame_plan
+from pipeline.video_frames import open_video, scene_frame_plan, video_frame_plan
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -61,10 +61,11 @@ def test_video_frame_plan_fps_then_upbound_then_force():
 
 def test_read_video_decodes_the_planned_frames_with_decord(tmp_path):
     write_mp4(tmp_path / "v.mp4", 45, 10)
-    clip = read_video(str(tmp_path / "v.mp4"), 4, 1, False)
+    clip = open_video(str(tmp_path / "v.mp4"), 4, 1, False)
     assert clip.indices == [0, 14, 29, 44] and clip.seconds == pytest.approx(4.5)
-    assert clip.frames.shape == (4, 48, 64, 3)
-    assert np.allclose(clip.frames.reshape(4, -1).mean(1), [0, 70, 145, 220], atol=8)  # grey level 5 * index
+    frames = clip.decode()
+    assert frames.shape == (4, 48, 64, 3)
+    assert np.allclose(frames.reshape(4, -1).mean(1), [0, 70, 145, 220], atol=8)  # grey level 5 * index
 
 
 def test_scene_frame_plan_every_tenth_then_evenly_repeating():

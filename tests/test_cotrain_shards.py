@@ -241,3 +241,15 @@ def test_cli_videoqa_with_a_data_config_and_clear_errors(demo, tokenizer_dir, tm
                                     str(demo / "mmc4" / "images"), "--tokenizer", str(tokenizer_dir), "--out",
                                     str(tmp_path), "--frames-upbound", "3"])
     assert bad.exit_code != 0 and "no such option" in bad.output.lower()
+
+
+def test_input_files_must_have_distinct_names(tmp_path, tokenizer_dir):
+    from pipeline.reader import AnnotationError
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "qa.json").write_text("[]")
+    with pytest.raises(AnnotationError, match="input file names must be distinct"):
+        run_cotrain("videoqa", [(tmp_path / "a" / "qa.json", None), (tmp_path / "b" / "qa.json", None)], tmp_path,
+                    tmp_path / "out", VideoQAShardConfig(), tokenizer_dir, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -26,7 +26,7 @@ from pipeline.qwen_tokenizer import load_tokenizer  # noqa: E402
 from pipeline.runner import write_shard  # noqa: E402
 from pipeline.synth_cotrain import write_video  # noqa: E402
 from pipeline.tokens import TokenIds  # noqa: E402
-from pipeline.video_frames import read_video  # noqa: E402
+from pipeline.video_frames import open_video  # noqa: E402
 
 VIDEOS, SECONDS, FPS = 64, 20, 30  # 600 frames a video; the reference's defaults take 32 of them
 
@@ -68,12 +68,12 @@ def main():
         records, _, _ = read_conversations(annotations)
         start = time.perf_counter()
         for r in records:
-            read_video(str(work / r.media), cfg.frames_upbound, cfg.video_fps, cfg.force_sample)
+            open_video(str(work / r.media), cfg.frames_upbound, cfg.video_fps, cfg.force_sample).decode()
         decode = time.perf_counter() - start
         start = time.perf_counter()
         for r in records:
-            clip = read_video(str(work / r.media), cfg.frames_upbound, cfg.video_fps, cfg.force_sample)
-            for f in clip.frames:
+            clip = open_video(str(work / r.media), cfg.frames_upbound, cfg.video_fps, cfg.force_sample)
+            for f in clip.decode():
                 encode_array(f, cfg.image_size, cfg.jpeg_quality)
         floor = time.perf_counter() - start
         print(f"decord decode of the sampled frames only: {VIDEOS / decode:.2f} videos/s")
