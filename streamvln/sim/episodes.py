@@ -1,0 +1,273 @@
+"""VLN-CE R2R/RxR episode files ({split}.json.gz): reading (strict, errors name file and position), writing, generation.
+
+Generated episodes start in one room and end next to a named object in another: the reference path
+is the geodesic shortest path (waypoints at most `waypoint_spacing` apart, as R2R's nav-graph nodes
+are about 2 m apart), and every path gets several instructions, each its own episode sharing the
+path's trajectory_id, as in R2R.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .base import heading_to_quaternion, quaternion_to_heading
+from .instructions import r2r_instruction, read_route, rxr_instruction
+from .metrics import densify
+from .navgrid import NavGrid
+from .world import GENERATOR_VERSION, SPLIT_POOLS, generate_scene, parse_scene_id, scene_id_for
+
+
+class EpisodeFileError(ValueError):
+    """An episodes file that cannot be read: names the file and the position of the bad entry."""
+
+
+@dataclass
+class NavEpisode:
+    episode_id: int | str
+    trajectory_id: int | str
+    scene_id: str
+    start_position: list[float]
+    start_rotation: list[float]
+    goals: list[dict]  # [{"position": [x, y, z], "radius": float}]
+    reference_path: list[list[float]]
+    instruction: dict  # {"instruction_text": str, ...}
+    info: dict = field(default_factory=dict)
+
+    @property
+    def instruction_text(self) -> str:
+        return self.instruction["instruction_text"]
+
+    @property
+    def goal_position(self) -> list[float]:
+        return self.goals[0]["position"]
+
+    @property
+    def start_heading(self) -> float:
+        return quaternion_to_heading(self.start_rotation)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _vec(value, n: int, what: str) -> list[float]:
+    if not isinstance(value, list) or len(value) != n or not all(isinstance(v, (int, float)) and
+                                                                  not isinstance(v, bool) for v in value):
+        raise ValueError(f"{what} must be a list of {n} numbers, got {value!r}")
+    if not all(math.isfinite(v) for v in value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return [float(v) for v in value]
+
+
+def parse_episode(entry) -> NavEpisode:
+    """One VLN-CE episode (R2R: instruction_text is a string; RxR: more instruction keys, same shape)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry is {type(entry).__name__}, not an object")
+    missing = [k for k in ("episode_id", "scene_id", "start_position", "start_rotation", "goals", "instruction")
+               if k not in entry]
+    if missing:
+        raise ValueError(f"missing key(s): {', '.join(missing)}")
+    goals = entry["goals"]
+    if not isinstance(goals, list) or not goals:
+        raise ValueError("goals must be a non-empty list")
+    parsed_goals = []
+    for k, g in enumerate(goals):
+        if not isinstance(g, dict) or "position" not in g:
+            raise ValueError(f"goals[{k}] must be an object with a position")
+        radius = g.get("radius")
+        parsed_goals.append({"position": _vec(g["position"], 3, f"goals[{k}].position"),
+                             "radius": None if radius is None else float(radius)})
+    instruction = entry["instruction"]
+    if not isinstance(instruction, dict) or "instruction_text" not in instruction:
+        raise ValueError("instruction must be an object with instruction_text")
+    text = instruction["instruction_text"]
+    if isinstance(text, list):  # some RxR exports keep the text as a list of segments
+        text = " ".join(str(t) for t in text)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("instruction_text must be a non-empty string")
+    reference = entry.get("reference_path") or []
+    if not isinstance(reference, list):
+        raise ValueError("reference_path must be a list of [x, y, z]")
+    reference = [_vec(p, 3, f"reference_path[{k}]") for k, p in enumerate(reference)]
+    scene = entry["scene_id"]
+    if not isinstance(scene, str) or not scene:
+        raise ValueError("scene_id must be a non-empty string")
+    return NavEpisode(
+        episode_id=entry["episode_id"], trajectory_id=entry.get("trajectory_id", entry["episode_id"]),
+        scene_id=scene, start_position=_vec(entry["start_position"], 3, "start_position"),
+        start_rotation=_vec(entry["start_rotation"], 4, "start_rotation"), goals=parsed_goals,
+        reference_path=reference, instruction={**instruction, "instruction_text": text},
+        info=entry.get("info") or {})
+
+
+def read_episodes(path: str | Path) -> list[NavEpisode]:
+    """All episodes of a VLN-CE episodes file (.json.gz or .json), in file order."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        data = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise EpisodeFileError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise EpisodeFileError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as e:
+        raise EpisodeFileError(f"{path}: cannot be read: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("episodes"), list):
+        raise EpisodeFileError(f"{path}: expected an object with an 'episodes' list (VLN-CE format)")
+    episodes, seen = [], set()
+    for i, entry in enumerate(data["episodes"]):
+        try:
+            ep = parse_episode(entry)
+        except ValueError as e:
+            eid = entry.get("episode_id", "?") if isinstance(entry, dict) else "?"
+            raise EpisodeFileError(f"{path}: episodes[{i}] (episode_id={eid}): {e}") from None
+        if str(ep.episode_id) in seen:
+            raise EpisodeFileError(f"{path}: episodes[{i}]: duplicate episode_id {ep.episode_id}")
+        seen.add(str(ep.episode_id))
+        episodes.append(ep)
+    return episodes
+
+
+def write_episodes(path: str | Path, episodes: list[NavEpisode], meta: dict | None = None) -> None:
+    """Byte-identical for the same episodes: fixed gzip mtime, sorted keys; tmp name, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for ep in episodes for w in ep.instruction_text.lower().replace(".", " ").replace(",", " ").split()})
+    payload = {"episodes": [ep.to_json() for ep in episodes], "instruction_vocab": {"word_list": words}}
+    if meta:
+        payload["meta"] = meta
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as f:
+        f.write(json.dumps(payload, sort_keys=True).encode())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+@dataclass
+class EpisodeGenConfig:
+    split: str = "train"
+    scenes: int = 40
+    per_scene: int = 8  # paths per scene; each path gives r2r_per_path + rxr_per_path episodes
+    first_scene: int = 0
+    seed: int = 0
+    r2r_per_path: int = 2
+    rxr_per_path: int = 1
+    min_geodesic: float = 4.0
+    max_geodesic: float = 25.0
+    waypoint_spacing: float = 2.0
+    goal_radius: float = 3.0  # the success distance, as VLN-CE R2R goals carry it
+    min_rooms: int = 2
+    max_rooms: int = 6
+    agent_radius: float = 0.18
+
+    def validate(self):
+        if self.split not in SPLIT_POOLS:
+            raise ValueError(f"unknown split {self.split!r}; known: {', '.join(SPLIT_POOLS)}")
+        if self.scenes < 1 or self.per_scene < 1 or self.r2r_per_path + self.rxr_per_path < 1:
+            raise ValueError("scenes, per_scene and instructions per path must be at least 1")
+        if not 2 <= self.min_rooms <= self.max_rooms <= 6:
+            raise ValueError("rooms per scene must satisfy 2 <= min_rooms <= max_rooms <= 6")
+
+
+def generate_episodes(cfg: EpisodeGenConfig, progress=None) -> tuple[list[NavEpisode], list[dict]]:
+    """Episodes for `cfg.scenes` scenes of the split's pool; returns (episodes, scenes that yielded too few)."""
+    cfg.validate()
+    episodes, shortfalls = [], []
+    for s in range(cfg.first_scene, cfg.first_scene + cfg.scenes):
+        scene_id = scene_id_for(cfg.split, s)
+        spec = generate_scene(scene_id, cfg.min_rooms, cfg.max_rooms)
+        grid = NavGrid(spec, cfg.agent_radius)
+        split_code = list(SPLIT_POOLS).index(cfg.split)
+        rng = np.random.default_rng([GENERATOR_VERSION, cfg.seed, split_code, s])
+        made = 0
+        for _attempt in range(cfg.per_scene * 20):
+            if made == cfg.per_scene:
+                break
+            path_eps = _sample_path(spec, grid, rng, cfg, len(episodes), f"{scene_id}:{made}")
+            if path_eps:
+                episodes += path_eps
+                made += 1
+        if made < cfg.per_scene:
+            shortfalls.append({"scene_id": scene_id, "paths": made, "wanted": cfg.per_scene})
+        if progress:
+            progress(1)
+    for k, ep in enumerate(episodes):
+        ep.episode_id = k
+    trajectories = {}
+    for ep in episodes:
+        ep.trajectory_id = trajectories.setdefault(ep.trajectory_id, len(trajectories))
+    return episodes, shortfalls
+
+
+def _sample_path(spec, grid: NavGrid, rng, cfg: EpisodeGenConfig, base: int, path_key: str) -> list[NavEpisode]:
+    rooms_with_goals = sorted({o.room for o in spec.objects})
+    goal = spec.objects[int(rng.integers(len(spec.objects)))]
+    start_rooms = [r for r in range(len(spec.rooms)) if r != goal.room]
+    if not start_rooms or goal.room not in rooms_with_goals:
+        return []
+    start_room = spec.rooms[start_rooms[int(rng.integers(len(start_rooms)))]]
+    x = float(rng.uniform(start_room.min_x + 0.4, start_room.max_x - 0.4))
+    z = float(rng.uniform(start_room.min_z + 0.4, start_room.max_z - 0.4))
+    x, z = round(x, 3), round(z, 3)
+    if not grid.is_navigable(x, z):
+        return []
+    heading = round(float(rng.uniform(-math.pi, math.pi)), 4)
+    goal_xz = _goal_point(grid, goal, (x, z))
+    if goal_xz is None:
+        return []
+    path = grid.path((x, z), goal_xz)
+    if path is None:
+        return []
+    length = sum(math.dist(p, q) for p, q in zip(path, path[1:]))
+    if not cfg.min_geodesic <= length <= cfg.max_geodesic:
+        return []
+    n_wp = max(int(math.ceil(length / cfg.waypoint_spacing)), 1)
+    waypoints = _along(path, n_wp)
+    route = read_route(spec, path, heading, goal)
+    texts = [("r2r", r2r_instruction(spec, route, rng)) for _ in range(cfg.r2r_per_path)]
+    texts += [("rxr", rxr_instruction(spec, route, rng)) for _ in range(cfg.rxr_per_path)]
+    out = []
+    for k, (style, text) in enumerate(texts):
+        out.append(NavEpisode(
+            episode_id=base + k, trajectory_id=path_key, scene_id=spec.scene_id,
+            start_position=[x, 0.0, z], start_rotation=[round(v, 6) for v in heading_to_quaternion(heading)],
+            goals=[{"position": [goal_xz[0], 0.0, goal_xz[1]], "radius": cfg.goal_radius}],
+            reference_path=[[round(px, 3), 0.0, round(pz, 3)] for px, pz in waypoints],
+            instruction={"instruction_text": text, "style": style},
+            info={"geodesic_distance": round(length, 4), "goal_object": goal.name,
+                  "scene_pool": parse_scene_id(spec.scene_id)[0], "scene_index": parse_scene_id(spec.scene_id)[1],
+                  "generator_version": GENERATOR_VERSION}))
+    return out
+
+
+def _goal_point(grid: NavGrid, obj, start) -> tuple[float, float] | None:
+    """A navigable point next to the object (about half a metre from its surface), nearest the start."""
+    best = None
+    reach = obj.radius + grid.radius + 0.3
+    for k in range(16):
+        a = 2 * math.pi * k / 16
+        p = (round(obj.x + reach * math.cos(a), 3), round(obj.z + reach * math.sin(a), 3))
+        if not grid.is_navigable(*p) or grid.spec.room_at(*p) != obj.room:
+            continue
+        d = grid.grid_distance(p, start)  # one search from the start serves all 16
+        if math.isfinite(d) and (best is None or d < best[0]):
+            best = (d, p)
+    return None if best is None else best[1]
+
+
+def _along(path, n: int) -> list[tuple[float, float]]:
+    """n + 1 points evenly spaced along a polyline: the start, n - 1 intermediate waypoints, the goal."""
+    dense = densify(path, 0.01)
+    idx = np.linspace(0, len(dense) - 1, n + 1).round().astype(int)
+    pts = [tuple(map(float, dense[i])) for i in idx]
+    pts[0], pts[-1] = tuple(path[0]), tuple(path[-1])
+    return pts

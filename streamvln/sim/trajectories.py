@@ -1,0 +1,187 @@
+"""Expert trajectories in the exact StreamVLN on-disk format, as the reference's trajectory generation writes them.
+
+The follower walks each path's reference waypoints (intermediate radius 0.5 m, the last 0.25 m);
+frames go to images/<video>/rgb/001.jpg... (1-indexed), annotations.json holds {id, video,
+instructions, actions: [-1, a1, ...]} with one frame per action entry. Episodes sharing a
+trajectory_id (paraphrases of one path) become one video with all their instructions. A video's
+frames are written under a temporary name and renamed when complete, then its record is
+committed; a rerun skips committed videos and redoes anything else, so a killed run resumes and
+the result does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .base import STOP, SimConfig, SimulatorError
+from .episodes import NavEpisode, read_episodes
+
+MAX_ACTIONS = 498  # the reference skips longer episodes
+
+
+@dataclass
+class TrajectoryConfig:
+    sim: SimConfig = field(default_factory=SimConfig)
+    intermediate_radius: float = 0.5
+    final_radius: float = 0.25
+    max_actions: int = MAX_ACTIONS
+    jpeg_quality: int = 75  # PIL's default, which the reference's writer uses
+    workers: int = 1
+
+    def validate(self):
+        self.sim.validate()
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("jpeg_quality must be in 1..100")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+
+
+@dataclass
+class Task:
+    trajectory_id: int | str
+    video: str
+    episodes: list[NavEpisode]
+
+
+def plan(episodes: list[NavEpisode], source: str) -> list[Task]:
+    """One task per trajectory_id, in order of first appearance."""
+    groups: dict[str, list[NavEpisode]] = {}
+    for ep in episodes:
+        groups.setdefault(str(ep.trajectory_id), []).append(ep)
+    tasks = []
+    for tid, eps in groups.items():
+        number = f"{int(tid):06d}" if tid.isdigit() else tid
+        tasks.append(Task(eps[0].trajectory_id, f"images/{eps[0].scene_id}_{source.lower()}_{number}", eps))
+    return tasks
+
+
+def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig):
+    """Roll the follower along the reference path: (frames, actions without the final STOP, metrics)."""
+    obs = sim.reset(episode)
+    waypoints = [p for p in episode.reference_path[1:]] or [episode.goal_position]
+    frames, actions, k = [obs.rgb], [], 0
+    while True:
+        last = k == len(waypoints) - 1
+        action = sim.expert_action(waypoints[k], cfg.final_radius if last else cfg.intermediate_radius)
+        if action == STOP:
+            if not last:
+                k += 1
+                continue
+            break
+        if sim.done:
+            raise SimulatorError(f"the expert did not reach the goal within {sim.config.max_steps} steps",
+                                 "expert did not reach the goal")
+        actions.append(action)
+        frames.append(sim.step(action).rgb)
+    sim.step(STOP)
+    return frames, actions, sim.metrics()
+
+
+_WORKER_SIM = None
+
+
+def _run(args) -> dict:
+    """Worker: render and write one video, or say why not. Returns the committed record."""
+    global _WORKER_SIM
+    task, out, cfg = args
+    if _WORKER_SIM is None:
+        from .miniworld_sim import MiniWorldSim
+        _WORKER_SIM = MiniWorldSim(cfg.sim)
+    ids = [ep.episode_id for ep in task.episodes]
+    record = {"trajectory_id": task.trajectory_id, "video": task.video, "episode_ids": ids}
+    try:
+        frames, actions, metrics = walk(_WORKER_SIM, task.episodes[0], cfg)
+    except SimulatorError as e:
+        return {**record, "reason": str(e), "kind": e.kind}
+    if len(actions) > cfg.max_actions:
+        return {**record, "reason": f"{len(actions)} actions, over the limit of {cfg.max_actions}",
+                "kind": "too many actions"}
+    final = Path(out) / task.video
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "rgb").mkdir(parents=True)
+    for n, rgb in enumerate(frames, start=1):
+        Image.fromarray(rgb).save(tmp / "rgb" / f"{n:03d}.jpg", quality=cfg.jpeg_quality)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    entry = {"id": task.trajectory_id, "video": task.video,
+             "instructions": [ep.instruction_text for ep in task.episodes], "actions": [-1] + actions}
+    return {**record, "entry": entry, "frames": len(frames),
+            "expert": {k: metrics[k] for k in ("success", "spl", "ndtw", "distance_to_goal", "collisions")}}
+
+
+def _done_path(out: Path, video: str) -> Path:
+    return out / ".done" / (Path(video).name + ".json")
+
+
+def write_trajectories(episodes_path: str | Path, out: str | Path, cfg: TrajectoryConfig, progress=None) -> dict:
+    cfg.validate()
+    out = Path(out)
+    episodes = read_episodes(episodes_path)
+    tasks = plan(episodes, out.name)
+    (out / ".done").mkdir(parents=True, exist_ok=True)
+    todo = [t for t in tasks if not _done_path(out, t.video).exists()]
+    if progress:
+        progress(len(tasks) - len(todo))
+    args = [(t, str(out), cfg) for t in todo]
+    if cfg.workers == 1 or len(todo) <= 1:
+        results = map(_run, args)
+        pool = None
+    else:
+        # spawn: each worker opens its own GL context; a forked one would share the parent's
+        pool = mp.get_context("spawn").Pool(cfg.workers)
+        results = pool.imap(_run, args)
+    try:
+        for record in results:
+            done = _done_path(out, record["video"])
+            done.with_suffix(".tmp").write_text(json.dumps(record, sort_keys=True))
+            done.with_suffix(".tmp").replace(done)
+            if progress:
+                progress(1)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return finish(out, tasks, episodes_path, cfg)
+
+
+def finish(out: Path, tasks: list[Task], episodes_path, cfg: TrajectoryConfig) -> dict:
+    """annotations.json, rejects.jsonl and manifest.json from the committed records, sorted by id."""
+    records = [json.loads(_done_path(out, t.video).read_text()) for t in tasks]
+    written = sorted((r for r in records if "entry" in r), key=lambda r: _sort_key(r["trajectory_id"]))
+    rejected = sorted((r for r in records if "reason" in r), key=lambda r: _sort_key(r["trajectory_id"]))
+    _atomic(out / "annotations.json", json.dumps([r["entry"] for r in written], indent=1) + "\n")
+    _atomic(out / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
+    reasons = Counter(r["kind"] for r in rejected)
+    expert = [r["expert"] for r in written]
+    manifest = {
+        "episodes_file": str(episodes_path),
+        "trajectories": len(tasks), "written": len(written), "rejected": len(rejected),
+        "episodes": sum(len(r["episode_ids"]) for r in records),
+        "episodes_written": sum(len(r["episode_ids"]) for r in written),
+        "frames": sum(r["frames"] for r in written),
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "expert_success": float(np.mean([e["success"] for e in expert])) if expert else None,
+        "expert_spl": float(np.mean([e["spl"] for e in expert])) if expert else None,
+        "config": asdict(cfg),
+    }
+    _atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def _sort_key(tid):
+    return (0, int(tid), "") if str(tid).isdigit() else (1, 0, str(tid))
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
