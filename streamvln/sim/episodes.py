@@ -19,7 +19,6 @@ import numpy as np
 
 from .base import heading_to_quaternion, quaternion_to_heading
 from .instructions import r2r_instruction, read_route, rxr_instruction
-from .metrics import densify
 from .navgrid import NavGrid
 from .world import GENERATOR_VERSION, SPLIT_POOLS, generate_scene, parse_scene_id, scene_id_for
 
@@ -230,8 +229,7 @@ def _sample_path(spec, grid: NavGrid, rng, cfg: EpisodeGenConfig, base: int, pat
     length = sum(math.dist(p, q) for p, q in zip(path, path[1:]))
     if not cfg.min_geodesic <= length <= cfg.max_geodesic:
         return []
-    n_wp = max(int(math.ceil(length / cfg.waypoint_spacing)), 1)
-    waypoints = _along(path, n_wp)
+    waypoints = _waypoints(path, cfg.waypoint_spacing)
     route = read_route(spec, path, heading, goal)
     texts = [("r2r", r2r_instruction(spec, route, rng)) for _ in range(cfg.r2r_per_path)]
     texts += [("rxr", rxr_instruction(spec, route, rng)) for _ in range(cfg.rxr_per_path)]
@@ -264,10 +262,10 @@ def _goal_point(grid: NavGrid, obj, start) -> tuple[float, float] | None:
     return None if best is None else best[1]
 
 
-def _along(path, n: int) -> list[tuple[float, float]]:
-    """n + 1 points evenly spaced along a polyline: the start, n - 1 intermediate waypoints, the goal."""
-    dense = densify(path, 0.01)
-    idx = np.linspace(0, len(dense) - 1, n + 1).round().astype(int)
-    pts = [tuple(map(float, dense[i])) for i in idx]
-    pts[0], pts[-1] = tuple(path[0]), tuple(path[-1])
-    return pts
+def _waypoints(path, spacing: float) -> list[tuple[float, float]]:
+    """The path's corners, with each straight stretch split evenly so no two waypoints are over `spacing` apart."""
+    out = [tuple(map(float, path[0]))]
+    for p, q in zip(path, path[1:]):
+        n = max(int(math.ceil(math.dist(p, q) / spacing - 1e-9)), 1)
+        out += [(p[0] + (q[0] - p[0]) * k / n, p[1] + (q[1] - p[1]) * k / n) for k in range(1, n + 1)]
+    return out

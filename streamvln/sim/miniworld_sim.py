@@ -167,6 +167,7 @@ class MiniWorldSim(NavSimulator):
             _ENV_CLASS = _build_env_class()
         self._env = _ENV_CLASS(self.config)
         self._grids: OrderedDict[str, tuple[SceneSpec, NavGrid]] = OrderedDict()
+        self._custom: dict[str, SceneSpec] = {}
         self._grid_cache = grid_cache
         self.episode: NavEpisode | None = None
         self.spec: SceneSpec | None = None
@@ -176,10 +177,18 @@ class MiniWorldSim(NavSimulator):
         self._done = True
 
     # ---- scenes ---------------------------------------------------------------------------
+    def register_scene(self, spec: SceneSpec) -> None:
+        """Make a hand-built layout available under its scene_id (tests, custom worlds)."""
+        spec.validate()
+        self._custom[spec.scene_id] = spec
+        self._grids.pop(spec.scene_id, None)
+        if self.spec is not None and self.spec.scene_id == spec.scene_id:
+            self.spec = None
+
     def scene(self, scene_id: str) -> tuple[SceneSpec, NavGrid]:
         if scene_id not in self._grids:
             try:
-                spec = generate_scene(scene_id)
+                spec = self._custom.get(scene_id) or generate_scene(scene_id)
             except SceneError as e:
                 raise SimulatorError(str(e), "unknown scene") from None
             self._grids[scene_id] = (spec, NavGrid(spec, self.config.agent_radius, self.config.grid_resolution,

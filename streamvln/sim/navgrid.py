@@ -4,8 +4,10 @@ Two radii matter. Collision (`collides`) is exact and matches MiniWorld's own te
 agent radius against the wall segments and the objects' bounding circles. Planning uses the grid,
 whose cells are free only with `margin` to spare, so a path followed with 15-degree turns keeps
 clear of walls. Shortest paths are Dijkstra over the grid with 16 neighbours (scipy, one search
-per goal, cached), then pulled taut along lines of sight, so geodesic distances are the lengths of
-near-straight polylines rather than staircase lengths; see docs/simulator.md for the error bound.
+per goal, cached), then pulled taut along lines of sight over free cells, so geodesic distances are
+lengths of taut polylines, not staircases. Free cells keep their centres clear by radius + margin,
+so obstacles look up to half a cell diagonal (3.5 cm) fatter than they are: around a door jamb a
+path comes out about 1% (5 cm in 5 m) longer than the exact geodesic (tested on hand-worked layouts).
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ class NavGrid:
             do = np.linalg.norm(p - self.obstacles[:, :2], axis=-1) - self.obstacles[:, 2]
             d = np.minimum(d, do.min(-1))
         ar = self.areas
-        inside = ((x[..., None] > ar[:, 0]) & (x[..., None] < ar[:, 1]) &
-                  (z[..., None] > ar[:, 2]) & (z[..., None] < ar[:, 3])).any(-1)
+        # closed rectangles: the doorway line between two touching rooms belongs to both (points on a
+        # wall are excluded by the wall distance anyway)
+        inside = ((x[..., None] >= ar[:, 0]) & (x[..., None] <= ar[:, 1]) &
+                  (z[..., None] >= ar[:, 2]) & (z[..., None] <= ar[:, 3])).any(-1)
         return np.where(inside, d, -1.0)
 
     def collides(self, x: float, z: float) -> bool:
