@@ -7,14 +7,18 @@ BIN := $(VENV)/bin
 DASHSCOPE := dashscope==2.0.2
 TOKENIZER := build/qwen2_tokenizer
 DEMO := data/demo
-SRCS := --src $(DEMO)/R2R --src $(DEMO)/RxR
-VAL_SRCS := --src $(DEMO)/val/R2R --src $(DEMO)/val/RxR
+SIM := data/sim
+# Demo navigation data comes from the simulator: 224x168 frames keep the reference's 4:3 view and
+# hfov (the shards resize to the tiny model's 112x112 anyway) at a quarter of 640x480's render cost.
+SIM_TRAJ := --width 224 --height 168 --workers 2
+SRCS := --src $(SIM)/trajectory_data/SimR2R
+VAL_SRCS := --src $(SIM)/val_unseen/SimR2R
 # The co-training demo shards: 112x112 frames (the tiny model's input), at most 8 frames a sample.
 COTRAIN := --tokenizer $(TOKENIZER) --out shards --image-size 112 --samples-per-shard 32 --quiet
 WORDS := --words red,green,blue,yellow,white,black,left,right,circle,square,triangle
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install tokenizer demo-data shards demo test bench clean
+.PHONY: help install tokenizer demo-data sim-data shards demo test bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,11 +45,25 @@ tokenizer: $(TOKENIZER)/tokenizer.json  ## build the Qwen2 tokenizer locally int
 
 # mmc4/val.jsonl is the last file synth writes
 $(DEMO)/mmc4/val.jsonl: | $(VENV)/.installed
-	$(BIN)/streamvln-shards synth --out $(DEMO)
+	$(BIN)/streamvln-shards synth --out $(DEMO) --no-nav
 
-demo-data: $(DEMO)/mmc4/val.jsonl  ## write the synthetic demo sources (trajectories, videos, scenes, documents) into data/demo
+demo-data: $(DEMO)/mmc4/val.jsonl  ## write the synthetic co-training sources (videos, scenes, documents) into data/demo
 
-shards: tokenizer demo-data  ## write shards/{nav,videoqa,scanqa,mmc4} (train and val splits) from the demo data
+$(SIM)/episodes/train.json.gz: | $(VENV)/.installed
+	$(BIN)/streamvln-sim episodes --out $(SIM)/episodes --split train --scenes 40 --per-scene 4 --seed 0
+
+$(SIM)/episodes/val_unseen.json.gz: | $(VENV)/.installed
+	$(BIN)/streamvln-sim episodes --out $(SIM)/episodes --split val_unseen --scenes 10 --per-scene 2 --seed 1
+
+$(SIM)/trajectory_data/SimR2R/annotations.json: $(SIM)/episodes/train.json.gz
+	$(BIN)/streamvln-sim trajectories --episodes $< --out $(SIM)/trajectory_data/SimR2R $(SIM_TRAJ)
+
+$(SIM)/val_unseen/SimR2R/annotations.json: $(SIM)/episodes/val_unseen.json.gz
+	$(BIN)/streamvln-sim trajectories --episodes $< --out $(SIM)/val_unseen/SimR2R $(SIM_TRAJ)
+
+sim-data: $(SIM)/trajectory_data/SimR2R/annotations.json $(SIM)/val_unseen/SimR2R/annotations.json  ## simulator episodes (train, val_unseen) and expert trajectories into data/sim
+
+shards: tokenizer demo-data sim-data  ## write shards/{nav,videoqa,scanqa,mmc4} (train and val splits) from the demo data
 	$(BIN)/streamvln-shards nav $(SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --quiet
 	$(BIN)/streamvln-shards nav $(VAL_SRCS) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml --split val --quiet
 	$(BIN)/streamvln-shards videoqa --data-config $(DEMO)/videoqa/data_config.yaml --video-root $(DEMO)/videoqa/videos \
@@ -61,7 +79,9 @@ shards: tokenizer demo-data  ## write shards/{nav,videoqa,scanqa,mmc4} (train an
 	$(BIN)/streamvln-shards mmc4 --jsonl $(DEMO)/mmc4/val.jsonl --image-root $(DEMO)/mmc4/images \
 		--config configs/shards/mmc4.yaml $(COTRAIN) --split val
 
-demo: shards  ## fresh machine to trained models: install, tokenizer, data, shards, peek, train stage 1 + 2, evaluate
+demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, shards, peek, train stage 1 + 2, evaluate
+	$(BIN)/streamvln-sim inspect --episodes $(SIM)/episodes/val_unseen.json.gz
+	$(BIN)/streamvln-sim show --episodes $(SIM)/episodes/val_unseen.json.gz --episode 3 --walk --out $(SIM)/val_unseen_ep3.png
 	tools/peek shards/nav
 	tools/peek shards/nav --verify
 	tools/peek shards/nav --tokenizer $(TOKENIZER) --no-color \
@@ -86,6 +106,7 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_cotrain.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_loader.py
 	$(PY) tests/bench/bench_train.py
+	$(PY) tests/bench/bench_sim.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
-	rm -rf $(DEMO) shards/nav shards/videoqa shards/scanqa shards/mmc4 shards/peek-*.png runs/demo runs/demo_stage2
+	rm -rf $(DEMO) $(SIM) shards/nav shards/videoqa shards/scanqa shards/mmc4 shards/peek-*.png runs/demo runs/demo_stage2

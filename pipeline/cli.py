@@ -41,13 +41,16 @@ def tokenizer(tiktoken_file, out):
 @click.option("--height", default=480, show_default=True)
 @click.option("--cotrain", default=80, show_default=True,
               help="Records per co-training source (video QA, ScanQA, MMC4) written beside them; 0: none.")
-def synth(out, episodes, val_episodes, seed, width, height, cotrain):
+@click.option("--nav/--no-nav", default=True, show_default=True,
+              help="Also write the pillar-world trajectories (make demo takes navigation from streamvln-sim).")
+def synth(out, episodes, val_episodes, seed, width, height, cotrain, nav):
     """Write demo trajectories (R2R-like and RxR-like) and small video QA / ScanQA / MMC4 sources."""
     from .synth import write_demo
 
     from .synth_cotrain import write_cotrain_demo
 
-    frames = write_demo(out, episodes=episodes, val_episodes=val_episodes, seed=seed, width=width, height=height)
+    frames = write_demo(out, episodes=episodes, val_episodes=val_episodes, seed=seed, width=width,
+                        height=height) if nav else {}
     for source, n in frames.items():
         click.echo(f"{Path(out) / source}: {n} frames")
     if cotrain:

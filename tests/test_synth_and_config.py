@@ -109,5 +109,23 @@ def test_every_shipped_config_loads_strictly():
         load_train_config(path)
     for path in (root / "model").glob("*.yaml"):
         StreamVLNConfig(**yaml.safe_load(path.read_text())).vision_tower_config()
+    from streamvln.sim.episodes import EpisodeGenConfig
+    from streamvln.sim.trajectories import TrajectoryConfig
+
+    assert load_config(TrajectoryConfig, root / "sim" / "trajectories.yaml") == TrajectoryConfig()  # = defaults
+    assert load_config(EpisodeGenConfig, root / "sim" / "episodes_train.yaml") == EpisodeGenConfig()
     for path in (root / "deepspeed").glob("*.json"):
         assert json.loads(path.read_text())["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_synth_no_nav_writes_no_pillar_world(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d"), "--no-nav", "--cotrain", "0"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "d" / "R2R").exists()
+    r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "e"), "--episodes", "1", "--val-episodes", "0",
+                                  "--cotrain", "0", "--width", "32", "--height", "24"])
+    assert r.exit_code == 0 and (tmp_path / "e" / "R2R" / "annotations.json").exists()

@@ -137,3 +137,7 @@ def inspect(episodes_path, jsonl):
     if jsonl:
         Path(jsonl).write_text("".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in eps))
         click.echo(f"wrote {jsonl}")
+
+
+if __name__ == "__main__":
+    main()

@@ -155,7 +155,7 @@ def write_episodes(path: str | Path, episodes: list[NavEpisode], meta: dict | No
 class EpisodeGenConfig:
     split: str = "train"
     scenes: int = 40
-    per_scene: int = 8  # paths per scene; each path gives r2r_per_path + rxr_per_path episodes
+    per_scene: int = 4  # paths per scene; each path gives r2r_per_path + rxr_per_path episodes
     first_scene: int = 0
     seed: int = 0
     r2r_per_path: int = 2

@@ -85,16 +85,18 @@ def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig):
     return frames, actions, sim.metrics()
 
 
-_WORKER_SIM = None
+_WORKER_SIM = None  # one simulator per process, kept across tasks (and across runs with the same config)
 
 
 def _run(args) -> dict:
     """Worker: render and write one video, or say why not. Returns the committed record."""
     global _WORKER_SIM
     task, out, cfg = args
-    if _WORKER_SIM is None:
+    if _WORKER_SIM is None or _WORKER_SIM.config != cfg.sim:
         from .miniworld_sim import MiniWorldSim
-        _WORKER_SIM = MiniWorldSim(cfg.sim)
+        if _WORKER_SIM is not None:
+            _WORKER_SIM.close()
+        _WORKER_SIM = MiniWorldSim(SimConfig(**asdict(cfg.sim)))
     ids = [ep.episode_id for ep in task.episodes]
     record = {"trajectory_id": task.trajectory_id, "video": task.video, "episode_ids": ids}
     try:
