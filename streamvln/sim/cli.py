@@ -105,8 +105,8 @@ def show(episodes_path, episode_id, out, width, height, walk):
             frame = sim.reset(ep).rgb
             path = None
             if walk:
-                _, _, _ = expert_walk(sim, ep, TrajectoryConfig(sim=sim.config))
-                path = sim._measures.positions
+                expert_walk(sim, ep, TrajectoryConfig(sim=sim.config))
+                path = sim.agent_path()
             picture = side_by_side(frame, top_down_map(sim.spec, ep, path), ep.instruction_text)
     except ERRORS as e:
         _fail(e)

@@ -256,6 +256,10 @@ class MiniWorldSim(NavSimulator):
             raise RuntimeError("metrics() before reset()")
         return self._measures.result()
 
+    def agent_path(self) -> list[np.ndarray]:
+        """The distinct positions of this episode so far (what path length and nDTW are measured on)."""
+        return list(self._measures.positions) if self._measures else []
+
     def agent_pose(self) -> tuple[np.ndarray, float]:
         a = self._env.agent
         return np.array([float(a.pos[0]), 0.0, float(a.pos[2])]), wrap(float(a.dir) - math.pi / 2)
