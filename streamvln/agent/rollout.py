@@ -1,0 +1,60 @@
+"""Batched rollouts: N simulators stepped in lockstep, one policy call per step for all of them.
+
+The one rollout path that evaluation (and DAgger and RL after it) use. Each environment takes the
+next episode from the list as soon as its current one ends, so N environments stay busy; results
+come back per episode, in completion order, with the metrics, the path and the actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from streamvln.sim.base import SimulatorError
+
+
+@dataclass
+class EpisodeResult:
+    episode: object
+    metrics: dict | None
+    path: list = field(default_factory=list)
+    actions: list = field(default_factory=list)
+    frames: list = field(default_factory=list)  # first-person frames when asked for (videos)
+    error: str | None = None
+
+
+def rollout(sims, policy, episodes, keep_frames: bool = False):
+    """Yield an EpisodeResult per episode; an episode the simulator refuses yields its error instead."""
+    todo = list(episodes)[::-1]
+    running: dict[int, tuple] = {}
+    obs: dict[int, object] = {}
+
+    def start(i):
+        while todo:
+            ep = todo.pop()
+            try:
+                o = sims[i].reset(ep)
+            except SimulatorError as e:
+                yield EpisodeResult(ep, None, error=str(e))
+                continue
+            policy.reset(i, ep)
+            running[i] = (ep, [], [o.rgb] if keep_frames else [])
+            obs[i] = o
+            return
+
+    for i in range(len(sims)):
+        yield from start(i)
+    while running:
+        active = sorted(running)
+        actions = policy.act([obs[i] for i in active], active)
+        for i in active:
+            ep, acts, frames = running[i]
+            a = int(actions[i])
+            obs[i] = sims[i].step(a)
+            acts.append(a)
+            if keep_frames:
+                frames.append(obs[i].rgb)
+            if sims[i].done:
+                del running[i]
+                path = [[float(v) for v in p] for p in sims[i].agent_path()]
+                yield EpisodeResult(ep, sims[i].metrics(), path, acts, frames)
+                yield from start(i)

@@ -1,0 +1,278 @@
+"""The StreamVLN agent: one frame per turn, a KV cache kept within a window, slow memory at each window opening.
+
+Per environment the agent keeps the episode's frames, a bounded cache of their visual tokens, the
+window's KV cache and the queue of parsed actions. `act` takes one observation per environment and
+returns one action each; the environments whose queue is empty are decided together: their new
+frames go through the vision tower in one call, and their language-model prefill and greedy
+decoding run as one batch over padded KV caches (each environment's own positions continue, pads
+are masked). A window ends every `num_frames` steps (KV dropped, frames and queue kept, as the
+reference); the next query opens a new window, and whenever that happens after step 0 the memory
+frames are attached, so the reference's crash (issue #80: `<memory>` with no frames) cannot occur.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from pipeline.dialogue import CONJUNCTIONS
+from pipeline.frames import history_indices
+from pipeline.tokens import IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
+
+from .turns import TurnBuilder, parse_actions
+
+
+@dataclass
+class AgentConfig:
+    num_frames: int = 32  # window length in steps
+    num_history: int = 8  # memory frames at a window opening
+    image_size: int = 384  # the vision tower's input (tiny demo model: 112)
+    max_new_tokens: int = 24  # 4 symbols, the header the model may repeat, <|im_end|>: plenty
+    history_mode: str = "exact"  # memory frame choice, as the shards ("reference" = its arange)
+    reference_memory_text: bool = False  # the reference eval's memory sentence (no colon)
+    seed: int = 0  # conjunction choice per (episode, window)
+    feature_cache: int = 64  # visual tokens kept per environment (frames beyond are re-encoded)
+    use_cache: bool = True  # False: recompute the whole window at every decision (benchmark, tests)
+
+
+@dataclass
+class EnvState:
+    episode_id: str = ""
+    instruction: str = ""
+    frames: list = field(default_factory=list)  # uint8 CHW tensors, image_size square
+    features: OrderedDict = field(default_factory=OrderedDict)  # frame index -> visual tokens
+    cache: DynamicCache | None = None
+    window_embeds: list = field(default_factory=list)  # the window's embeddings (recompute mode, checks)
+    last_logits: torch.Tensor | None = None  # at the first answer position of the last decision
+    pending: list = field(default_factory=list)  # ids fed before the next turn (the last <|im_end|>)
+    queue: list = field(default_factory=list)
+    step: int = 0
+    window_open: bool = False
+    rng: random.Random | None = None
+    turns: int = 0
+    last_text: str = ""
+
+
+def preprocess(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xSxS uint8, squashed to a square with bicubic resampling (SigLIP's processor)."""
+    img = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+class StreamingAgent:
+    def __init__(self, model, tok, cfg: AgentConfig, num_envs: int = 1):
+        self.model, self.tok, self.cfg = model.eval(), tok, cfg
+        self.turns = TurnBuilder(tok, cfg.reference_memory_text)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.envs = [EnvState() for _ in range(num_envs)]
+
+    # ---- episode bookkeeping ------------------------------------------------------------------
+    def reset(self, i: int, episode_id, instruction: str) -> None:
+        digest = hashlib.sha256(f"{self.cfg.seed}|{episode_id}".encode()).digest()
+        self.envs[i] = EnvState(episode_id=str(episode_id), instruction=instruction,
+                                rng=random.Random(int.from_bytes(digest[:8], "little")))
+
+    def _close_window(self, env: EnvState) -> None:
+        env.cache, env.window_embeds, env.pending, env.window_open = None, [], [], False
+
+    # ---- acting -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, observations: list, active: list[int] | None = None) -> dict[int, int]:
+        """observations[k] is the rgb of environment active[k] (default all); returns {env: action}."""
+        active = list(range(len(self.envs))) if active is None else active
+        need = []
+        for i, rgb in zip(active, observations):
+            env = self.envs[i]
+            if env.step > 0 and env.step % self.cfg.num_frames == 0 and env.window_open:
+                self._close_window(env)  # window boundary: KV dropped, frames and queue kept
+            env.frames.append(preprocess(rgb, self.cfg.image_size))
+            if not env.queue:
+                need.append(i)
+        if need:
+            self._decide(need)
+        out = {}
+        for i in active:
+            env = self.envs[i]
+            out[i] = env.queue.pop(0)
+            env.step += 1
+        return out
+
+    def _turn_ids(self, env: EnvState) -> tuple[np.ndarray, list[int]]:
+        """This decision's new ids and the frame indices its placeholders stand for, in order."""
+        conj = env.rng.choice(CONJUNCTIONS)
+        now = len(env.frames) - 1
+        if not env.window_open:
+            memory = history_indices(now, 0, self.cfg.num_history, self.cfg.history_mode) if now > 0 else []
+            ids = self.turns.open_window(env.instruction, bool(memory), conj)
+            env.window_open = True
+            return ids, memory + [now]
+        return np.concatenate([np.asarray(env.pending, np.int64), self.turns.next_turn(conj)]), [now]
+
+    def _visual(self, env_frames: list[tuple[EnvState, list[int]]]) -> list[list[torch.Tensor]]:
+        """Visual tokens per (env, frame indices): cached ones reused, the rest encoded in one call."""
+        todo = [(env, f) for env, frames in env_frames for f in frames if f not in env.features]
+        todo = list(OrderedDict.fromkeys((id(env), f) for env, f in todo).keys())
+        by_id = {id(env): env for env, _ in env_frames}
+        if todo:
+            pixels = torch.stack([by_id[e].frames[f] for e, f in todo])[None].to(self.device)
+            feats = self.model.encode_frames(pixels, torch.tensor([len(todo)]))[0]
+            for (e, f), feat in zip(todo, feats):
+                cache = by_id[e].features
+                cache[f] = feat
+                while len(cache) > self.cfg.feature_cache:
+                    cache.popitem(last=False)
+        out = []
+        for env, frames in env_frames:
+            got = []
+            for f in frames:
+                if f not in env.features:  # evicted in this very call: encode it alone
+                    px = env.frames[f][None, None].to(self.device)
+                    env.features[f] = self.model.encode_frames(px, torch.tensor([1]))[0][0]
+                got.append(env.features[f])
+            out.append(got)
+        return out
+
+    def _embed(self, ids: np.ndarray, visual: list[torch.Tensor], n_memory: int) -> torch.Tensor:
+        """Text embeddings with <memory> replaced by all memory frames' tokens and each <image> by one frame's."""
+        ids_t = torch.as_tensor(ids, device=self.device)
+        text = self.model.model.embed_tokens(ids_t.clamp(min=0))
+        memory = torch.cat(visual[:n_memory]) if n_memory else None
+        current = list(visual[n_memory:])
+        pieces, start = [], 0
+        for pos in torch.nonzero(ids_t < 0).flatten().tolist():
+            pieces.append(text[start:pos])
+            if int(ids_t[pos]) == MEMORY_PLACEHOLDER:
+                if memory is None:
+                    raise RuntimeError("<memory> without memory frames")  # cannot happen: see _turn_ids
+                pieces.append(memory.to(text.dtype))
+            elif int(ids_t[pos]) == IMAGE_PLACEHOLDER:
+                pieces.append(current.pop(0).to(text.dtype))
+            start = pos + 1
+        pieces.append(text[start:])
+        if current:
+            raise RuntimeError(f"{len(current)} frames left over for the placeholders")
+        return torch.cat(pieces)
+
+    def _decide(self, need: list[int]) -> None:
+        envs = [self.envs[i] for i in need]
+        turn = [self._turn_ids(env) for env in envs]
+        visual = self._visual([(env, frames) for env, (_, frames) in zip(envs, turn)])
+        embeds = [self._embed(ids, vis, len(frames) - 1) for (ids, frames), vis in zip(turn, visual)]
+        for env, e in zip(envs, embeds):
+            env.window_embeds.append(e)
+        generated = self._generate(envs, embeds)
+        for env, gen in zip(envs, generated):
+            text = self.tok.decode(gen, skip_special_tokens=False)
+            env.last_text = text
+            env.queue = parse_actions(text)
+            env.turns += 1
+            # The last generated token (normally <|im_end|>) was never fed: it opens the next turn's
+            # prefill, as in the reference. The window holds the rest of the answer.
+            env.pending = gen[-1:]
+            fed = gen[:-1]
+            if fed:
+                env.window_embeds.append(self.model.model.embed_tokens(torch.tensor(fed, device=self.device)))
+
+    # ---- the language model over padded per-environment caches --------------------------------
+    def _generate(self, envs: list[EnvState], embeds: list[torch.Tensor]) -> list[list[int]]:
+        if not self.cfg.use_cache:
+            return [self._generate_recompute(env, e) for env, e in zip(envs, embeds)]
+        b = len(envs)
+        past = [env.cache.get_seq_length() if env.cache is not None else 0 for env in envs]
+        lmax = max(past)
+        cache, mask = self._stack(envs, past, lmax)
+        n = [e.shape[0] for e in embeds]
+        nmax = max(n)
+        dim = embeds[0].shape[-1]
+        x = embeds[0].new_zeros((b, nmax, dim))
+        new_mask = torch.zeros((b, nmax), dtype=torch.long, device=self.device)
+        pos = torch.zeros((b, nmax), dtype=torch.long, device=self.device)
+        for k, e in enumerate(embeds):
+            x[k, : n[k]] = e
+            new_mask[k, : n[k]] = 1
+            pos[k] = past[k] + torch.arange(nmax, device=self.device)
+        mask = torch.cat([mask, new_mask], 1)
+        hidden = self.model.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                  use_cache=True).last_hidden_state
+        last = hidden[torch.arange(b), torch.tensor(n) - 1]
+        logits = self.model.lm_head(last)
+        for env, row in zip(envs, logits):
+            env.last_logits = row.float()
+        token = logits.argmax(-1)
+        out = [[int(t)] for t in token]
+        done = torch.tensor([t == self.turns.im_end for t in token.tolist()])
+        next_pos = torch.tensor([past[k] + n[k] for k in range(b)], device=self.device)
+        for _ in range(self.cfg.max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            live = (~done).long().to(self.device)
+            mask = torch.cat([mask, live[:, None]], 1)
+            emb = self.model.model.embed_tokens(token)[:, None]
+            hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=next_pos[:, None],
+                                      past_key_values=cache, use_cache=True).last_hidden_state
+            token = self.model.lm_head(hidden[:, -1]).argmax(-1)
+            next_pos = next_pos + live
+            for k in range(b):
+                if not done[k]:
+                    out[k].append(int(token[k]))
+                    done[k] = int(token[k]) == self.turns.im_end
+        self._split(envs, cache, mask)
+        return out
+
+    def _stack(self, envs, past, lmax):
+        """One batched cache: each env's keys/values left-padded to the longest; the mask marks real slots."""
+        b = len(envs)
+        mask = torch.zeros((b, lmax), dtype=torch.long, device=self.device)
+        for k, p in enumerate(past):
+            mask[k, lmax - p:] = 1
+        cache = DynamicCache()
+        if lmax == 0:
+            return cache, mask
+        ref = next(env.cache for env in envs if env.cache is not None and env.cache.get_seq_length())
+        for layer, ref_layer in enumerate(ref.layers):
+            shape = list(ref_layer.keys.shape)
+            keys, values = [], []
+            for env, p in zip(envs, past):
+                shape[0], shape[2] = 1, lmax - p
+                pad = ref_layer.keys.new_zeros(shape)
+                if p:
+                    keys.append(torch.cat([pad, env.cache.layers[layer].keys], 2))
+                    values.append(torch.cat([pad, env.cache.layers[layer].values], 2))
+                else:
+                    keys.append(pad)
+                    values.append(pad.clone())
+            cache.update(torch.cat(keys), torch.cat(values), layer)
+        return cache, mask
+
+    def _split(self, envs, cache, mask) -> None:
+        """Each env's real slots back into a cache of its own (pads dropped, order kept)."""
+        for k, env in enumerate(envs):
+            keep = torch.nonzero(mask[k]).flatten()
+            own = DynamicCache()
+            for layer, lay in enumerate(cache.layers):
+                own.update(lay.keys[k:k + 1, :, keep].contiguous(), lay.values[k:k + 1, :, keep].contiguous(), layer)
+            env.cache = own
+
+    def _generate_recompute(self, env: EnvState, embeds: torch.Tensor) -> list[int]:
+        """No KV cache: the whole window so far goes through the model at every token."""
+        seq = torch.cat(env.window_embeds)
+        out = []
+        for _ in range(self.cfg.max_new_tokens):
+            hidden = self.model.model(inputs_embeds=seq[None], use_cache=False).last_hidden_state
+            logits = self.model.lm_head(hidden[0, -1])
+            if not out:
+                env.last_logits = logits.float()
+            token = int(logits.argmax())
+            out.append(token)
+            if token == self.turns.im_end:
+                break
+            seq = torch.cat([seq, self.model.model.embed_tokens(torch.tensor([token], device=self.device))])
+        return out
