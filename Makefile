@@ -11,6 +11,7 @@ SIM := data/sim
 # Demo navigation data comes from the simulator: 224x168 frames keep the reference's 4:3 view and
 # hfov (the shards resize to the tiny model's 112x112 anyway) at a quarter of 640x480's render cost.
 SIM_TRAJ := --width 224 --height 168 --workers 2
+NAV_EVAL := --episodes $(SIM)/episodes/val_unseen.json.gz --every 6 --num-envs 4 --width 224 --height 168
 SRCS := --src $(SIM)/trajectory_data/SimR2R
 VAL_SRCS := --src $(SIM)/val_unseen/SimR2R
 # The co-training demo shards: 112x112 frames (the tiny model's input), at most 8 frames a sample.
@@ -79,7 +80,7 @@ shards: tokenizer demo-data sim-data  ## write shards/{nav,videoqa,scanqa,mmc4} 
 	$(BIN)/streamvln-shards mmc4 --jsonl $(DEMO)/mmc4/val.jsonl --image-root $(DEMO)/mmc4/images \
 		--config configs/shards/mmc4.yaml $(COTRAIN) --split val
 
-demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, shards, peek, train stage 1 + 2, evaluate
+demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, shards, peek, train stage 1 + 2, evaluate, closed loop
 	$(BIN)/streamvln-sim inspect --episodes $(SIM)/episodes/val_unseen.json.gz
 	$(BIN)/streamvln-sim show --episodes $(SIM)/episodes/val_unseen.json.gz --episode 3 --walk --out $(SIM)/val_unseen_ep3.png
 	tools/peek shards/nav
@@ -97,6 +98,10 @@ demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, 
 	rm -rf runs/demo_stage2
 	$(BIN)/streamvln-train --shards configs/data/demo_stage2.yaml --config configs/train/demo_stage2.yaml --output-dir runs/demo_stage2
 	$(BIN)/streamvln-eval --checkpoint runs/demo_stage2/final --shards configs/data/demo_stage2_val.yaml --out runs/demo_stage2/eval.json $(WORDS)
+	@echo "closed loop: the stage 1 model and the baselines on held-out scenes (val_unseen, one episode per scene):"
+	rm -rf runs/demo/nav_eval*
+	$(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval --maps
+	for p in expert random forward; do $(BIN)/streamvln-nav-eval --policy $$p $(NAV_EVAL) --output runs/demo/nav_eval_$$p || exit 1; done
 
 test: install tokenizer  ## run the test suite (installs what it needs)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
@@ -107,6 +112,7 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_loader.py
 	$(PY) tests/bench/bench_train.py
 	$(PY) tests/bench/bench_sim.py
+	$(PY) tests/bench/bench_agent.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
 	rm -rf $(DEMO) $(SIM) shards/nav shards/videoqa shards/scanqa shards/mmc4 shards/peek-*.png runs/demo runs/demo_stage2

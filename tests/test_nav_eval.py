@@ -104,3 +104,31 @@ def test_torchrun_splits_episodes_over_ranks_and_rank0_gathers(episodes_file, tm
     rows = [json.loads(x) for x in (out / "result.jsonl").read_text().splitlines()]
     assert [r["episode_id"] for r in rows] == [e.episode_id for e in eps]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_cli_loads_a_checkpoint_directory_and_runs_the_agent(episodes_file, tokenizer_dir, tmp_path):
+    """A directory as streamvln-train exports it (config.json, weights, tokenizer): the model policy runs."""
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from pipeline.qwen_tokenizer import load_tokenizer
+    from streamvln.model.config import StreamVLNConfig
+    from streamvln.model.modeling import StreamVLNForCausalLM
+
+    root = Path(__file__).resolve().parent.parent
+    torch.manual_seed(0)
+    cfg = StreamVLNConfig(**yaml.safe_load((root / "configs/model/tiny.yaml").read_text()))
+    ckpt = tmp_path / "ckpt"
+    StreamVLNForCausalLM(cfg).save_pretrained(ckpt)
+    load_tokenizer(tokenizer_dir).save_pretrained(ckpt)
+    path, eps = episodes_file
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(nav_eval, ["--checkpoint", str(ckpt), "--episodes", str(path), "--output", str(out),
+                                      "--width", "32", "--height", "24", "--max-episodes", "2", "--num-envs", "2"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "result.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["steps"] >= 1 and row["actions"] for row in rows)
+    r = CliRunner().invoke(nav_eval, ["--episodes", str(path), "--output", str(out)])
+    assert r.exit_code != 0 and "--checkpoint is needed" in r.output

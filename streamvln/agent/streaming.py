@@ -73,6 +73,7 @@ class StreamingAgent:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.envs = [EnvState() for _ in range(num_envs)]
+        self.decisions = 0  # model calls per environment, over all episodes (benchmarks)
 
     # ---- episode bookkeeping ------------------------------------------------------------------
     def reset(self, i: int, episode_id, instruction: str) -> None:
@@ -169,6 +170,7 @@ class StreamingAgent:
         for env, e in zip(envs, embeds):
             env.window_embeds.append(e)
         generated = self._generate(envs, embeds)
+        self.decisions += len(envs)
         for env, gen in zip(envs, generated):
             text = self.tok.decode(gen, skip_special_tokens=False)
             env.last_text = text

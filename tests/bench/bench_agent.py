@@ -45,6 +45,8 @@ def main():
         print(f"N={n}: {decisions / dt:.1f} decisions/s, {steps * n / dt:.1f} env steps/s "
               f"(random model: every step is a decision)")
 
+    closed_loop(tok)
+
     # ms per decision at the end of a 32-step window: cached prefill of one turn vs the whole window again
     for use_cache in (True, False):
         agent = StreamingAgent(model, tok, AgentConfig(**base, use_cache=use_cache))
@@ -61,6 +63,35 @@ def main():
             cached = np.mean(times[-4:])
         else:
             print(f"cached is {np.mean(times[-4:]) / cached:.1f}x faster at the end of a window")
+
+
+def closed_loop(tok):
+    """Real simulators (224x168) driven by the demo's trained model (it writes actions; a random model
+    writes none, which parses as STOP), 8 episodes capped at 64 steps, N environments in lockstep."""
+    from streamvln.agent.policies import AgentPolicy
+    from streamvln.agent.rollout import rollout
+    from streamvln.model.build import build_model
+    from streamvln.sim.base import SimConfig
+    from streamvln.sim.episodes import EpisodeGenConfig, generate_episodes
+    from streamvln.sim.miniworld_sim import MiniWorldSim
+
+    ckpt = ROOT / "runs" / "demo" / "final"
+    if not (ckpt / "config.json").exists():
+        print("closed loop: skipped, no runs/demo/final (make demo trains it)")
+        return
+    model = build_model(None, str(ckpt)).eval()
+    eps, _ = generate_episodes(EpisodeGenConfig(scenes=8, per_scene=1, seed=0, r2r_per_path=1, rxr_per_path=0))
+    for n in (1, 2, 4, 8):
+        sims = [MiniWorldSim(SimConfig(width=224, height=168, max_steps=64)) for _ in range(n)]
+        agent = StreamingAgent(model, tok, AgentConfig(num_frames=32, num_history=8, image_size=112), num_envs=n)
+        t = time.perf_counter()
+        results = list(rollout(sims, AgentPolicy(agent), eps))
+        dt = time.perf_counter() - t
+        steps = sum(r.metrics["steps"] for r in results)
+        print(f"closed loop N={n}: {steps / dt:.1f} env steps/s, {agent.decisions / dt:.1f} decisions/s "
+              f"({steps} steps, {agent.decisions} decisions, render included)")
+        for sim in sims:
+            sim.close()
 
 
 if __name__ == "__main__":
