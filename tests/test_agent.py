@@ -127,3 +127,60 @@ def test_any_number_of_actions_per_turn_never_breaks_the_agent(tok, tiny_model, 
         # every opening after step 0 carries its memory frames: never <memory> without them (#80)
         assert n_frames == 1 + (min(4, step) if memory_tokens else 0)
         assert memory_tokens == (1 if step > 0 and n_frames > 1 else 0)
+
+
+def test_an_expert_episode_through_the_agent_gives_the_nav_shards_token_ids(tok, token_ids, tiny_model, tmp_path,
+                                                                              monkeypatch):
+    """Simulator expert trajectory -> nav shard samples; the same episode streamed through the agent with the
+    expert's answers (teacher forcing) gives, window by window, exactly each chunk's input_ids."""
+    from PIL import Image
+
+    from pipeline.config import NavShardConfig
+    from pipeline.nav import build_episode, sample_rng
+    from pipeline.reader import list_frames, read_source
+    from streamvln.sim.base import SimConfig
+    from streamvln.sim.episodes import EpisodeGenConfig, generate_episodes, write_episodes
+    from streamvln.sim.trajectories import TrajectoryConfig, write_trajectories
+
+    eps, _ = generate_episodes(EpisodeGenConfig(scenes=1, per_scene=1, r2r_per_path=1, rxr_per_path=0))
+    write_episodes(tmp_path / "e.json.gz", eps)
+    write_trajectories(tmp_path / "e.json.gz", tmp_path / "SimR2R", TrajectoryConfig(sim=SimConfig(width=32, height=24)))
+    (episode,), _ = read_source(tmp_path / "SimR2R")
+    shard_cfg = NavShardConfig(image_size=32, num_frames=8, num_future_steps=4, num_history=4)
+    samples, rejects = build_episode(episode, shard_cfg, tok, token_ids)
+    assert not rejects and len(samples) >= 3  # several windows: memory openings are covered
+    shard_ids = {int(s.key.rsplit("-s", 1)[1]): s.input_ids.tolist() for s in samples}
+
+    acts = list(episode.actions[1:]) + [0]
+    agent = StreamingAgent(tiny_model, tok, AgentConfig(num_frames=8, num_history=4, image_size=112))
+    agent.reset(0, episode.episode_id, episode.instructions[0])
+    windows: dict[int, list] = {}
+    original = agent._turn_ids
+
+    def turn_ids(env):
+        now = len(env.frames) - 1
+        if not env.window_open:  # the shard's conjunction draws for the chunk starting here
+            env.rng = sample_rng(shard_cfg.seed, episode, 0, now)
+            windows[now] = []
+        ids, frames_used = original(env)
+        windows[max(windows)].append(ids)
+        return ids, frames_used
+
+    def teacher(envs, embeds):
+        now = len(envs[0].frames) - 1
+        end = min((now // 8 + 1) * 8, len(acts))
+        answer = agent.turns.answer_ids(acts[now:min(now + 4, end)]).tolist()
+        windows[max(windows)].append(np.asarray(answer[:-1]))  # the window keeps all but the last token
+        return [answer]
+
+    monkeypatch.setattr(agent, "_turn_ids", turn_ids)
+    monkeypatch.setattr(agent, "_generate", teacher)
+    frame_files = list_frames(episode)
+    for t in range(len(acts)):
+        rgb = np.asarray(Image.open(f"{episode.frame_dir}/{frame_files[t]}").convert("RGB"))
+        assert agent.act([rgb])[0] == acts[t]
+    assert sorted(windows) == sorted(shard_ids)
+    for start, pieces in windows.items():
+        # the shard's text ends with the last answer's <|im_end|> and newline
+        ids = np.concatenate(pieces + [[agent.turns.im_end], agent.turns.newline]).tolist()
+        assert ids == shard_ids[start], f"window at step {start}"
