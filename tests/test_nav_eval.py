@@ -66,8 +66,13 @@ def test_cli_writes_results_resumes_and_reprints_a_finished_evaluation(episodes_
     out = tmp_path / "eval"
     args = ["--policy", "expert", "--episodes", str(path), "--output", str(out), "--width", "32", "--height", "24",
             "--num-envs", "2", "--maps"]
-    r = CliRunner().invoke(nav_eval, args + ["--max-episodes", "2"])
+    r = CliRunner().invoke(nav_eval, args + ["--max-episodes", "2", "--videos"])
     assert r.exit_code == 0, r.output
+    import cv2
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert len(videos) == 2
+    cap = cv2.VideoCapture(str(videos[0]))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) > 10 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 32
     rows = [json.loads(line) for line in (out / "result.jsonl").read_text().splitlines()]
     assert [row["episode_id"] for row in rows] == [0, 1]
     for row in rows:
