@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-from streamvln.sim.base import FORWARD, LEFT, RIGHT, STOP
+from streamvln.sim.base import FORWARD, STOP
 
 from .streaming import StreamingAgent
 
@@ -81,4 +81,3 @@ class ForwardPolicy:
 
 
 BASELINES = ("expert", "random", "forward")
-__all__ = ["AgentPolicy", "ExpertPolicy", "RandomPolicy", "ForwardPolicy", "BASELINES", "LEFT", "RIGHT"]

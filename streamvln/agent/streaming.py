@@ -71,7 +71,6 @@ class StreamingAgent:
         self.model, self.tok, self.cfg = model.eval(), tok, cfg
         self.turns = TurnBuilder(tok, cfg.reference_memory_text)
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self.envs = [EnvState() for _ in range(num_envs)]
         self.decisions = 0  # model calls per environment, over all episodes (benchmarks)
 
