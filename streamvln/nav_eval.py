@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from streamvln.sim.base import SimConfig
 from streamvln.sim.episodes import EpisodeFileError, read_episodes
+from streamvln.sim.trajectories import open_log
 
 METRICS = ("success", "spl", "oracle_success", "navigation_error", "ndtw", "sdtw", "path_length", "steps",
            "collisions")
@@ -51,17 +52,8 @@ def build_policy(kind: str, checkpoint: str | None, sims, num_envs: int, seed: i
         return RandomPolicy(seed)
     if kind == "forward":
         return ForwardPolicy()
-    from pipeline.qwen_tokenizer import load_tokenizer
-    from streamvln.agent.streaming import AgentConfig, StreamingAgent
-    from streamvln.model.build import build_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build_model(None, checkpoint, dtype=dtype).to(device).requires_grad_(False)
-    tok = load_tokenizer(checkpoint)
-    size = model.config.vision_tower_config().image_size
-    cfg = AgentConfig(image_size=size, seed=seed, **{k: v for k, v in agent_overrides.items() if v is not None})
-    return AgentPolicy(StreamingAgent(model, tok, cfg, num_envs=num_envs))
+    from streamvln.agent.streaming import load_agent
+    return AgentPolicy(load_agent(checkpoint, num_envs, seed, agent_overrides))
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -135,7 +127,7 @@ def main(checkpoint, policy, episodes_path, output, num_envs, max_episodes, ever
         pol = build_policy(policy, checkpoint, sims, num_envs, seed,
                            {"num_frames": num_frames, "num_history": num_history,
                             "reference_memory_text": reference_memory_text})
-        with open(output / f"result.rank{rank}.jsonl", "a") as f, \
+        with open_log(output / f"result.rank{rank}.jsonl") as f, \
                 tqdm(total=len(mine), desc=f"episodes (rank {rank})", disable=None) as bar:
             for r in rollout(sims, pol, mine, keep_frames=videos):
                 ep = r.episode

@@ -80,7 +80,9 @@ def test_cli_writes_results_resumes_and_reprints_a_finished_evaluation(episodes_
                 "collisions", "path", "actions"} <= set(row)
         assert len(row["path"][0]) == 3 and row["success"] == 1.0
     assert len(list((out / "maps").glob("*.png"))) == 2
-    # the rest: the two finished episodes are not run again
+    # the rest: the two finished episodes are not run again; a line cut by a kill is dropped, not glued to the next
+    with open(out / "result.rank0.jsonl", "a") as f:
+        f.write('{"scene_id": "val_unseen_0000", "epis')
     r = CliRunner().invoke(nav_eval, args)
     assert r.exit_code == 0, r.output
     lines = (out / "result.rank0.jsonl").read_text().splitlines()

@@ -1,6 +1,6 @@
 """Batched rollouts: N simulators stepped in lockstep, one policy call per step for all of them.
 
-The one rollout path that evaluation (and DAgger and RL after it) use. Each environment takes the
+The one rollout path that evaluation, DAgger (and RL after it) use. Each environment takes the
 next episode from the list as soon as its current one ends, so N environments stay busy; results
 come back per episode, in completion order, with the metrics, the path and the actions.
 """
@@ -20,6 +20,7 @@ class EpisodeResult:
     actions: list = field(default_factory=list)
     frames: list = field(default_factory=list)  # first-person frames when asked for (videos)
     error: str | None = None
+    info: dict = field(default_factory=dict)  # what the policy reports of the episode (DAgger's interventions)
 
 
 def rollout(sims, policy, episodes, keep_frames: bool = False):
@@ -56,5 +57,6 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
             if sims[i].done:
                 del running[i]
                 path = [[float(v) for v in p] for p in sims[i].agent_path()]
-                yield EpisodeResult(ep, sims[i].metrics(), path, acts, frames)
+                info = policy.episode_info(i) if hasattr(policy, "episode_info") else {}
+                yield EpisodeResult(ep, sims[i].metrics(), path, acts, frames, info=info)
                 yield from start(i)

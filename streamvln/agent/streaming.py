@@ -84,24 +84,39 @@ class StreamingAgent:
         env.cache, env.window_embeds, env.pending, env.window_open = None, [], [], False
 
     # ---- acting -------------------------------------------------------------------------------
+    def clear_queue(self, i: int) -> None:
+        """Drop environment i's remaining parsed actions (an expert took over): the next query decides anew."""
+        self.envs[i].queue = []
+
+    def queued(self, i: int) -> int:
+        return len(self.envs[i].queue)
+
     @torch.no_grad()
-    def act(self, observations: list, active: list[int] | None = None) -> dict[int, int]:
-        """observations[k] is the rgb of environment active[k] (default all); returns {env: action}."""
+    def act(self, observations: list, active: list[int] | None = None,
+            decide: list[int] | None = None) -> dict[int, int]:
+        """observations[k] is the rgb of environment active[k] (default all); returns {env: action}.
+
+        `decide` (default: all of `active`) are the environments the model acts for in this step. The
+        others only record their frame (it counts as a step and may become a memory frame later):
+        their action comes from elsewhere, as DAgger's expert chunks, and their queue is left alone.
+        """
         active = list(range(len(self.envs))) if active is None else active
+        decide = set(active if decide is None else decide)
         need = []
         for i, rgb in zip(active, observations):
             env = self.envs[i]
             if env.step > 0 and env.step % self.cfg.num_frames == 0 and env.window_open:
                 self._close_window(env)  # window boundary: KV dropped, frames and queue kept
             env.frames.append(preprocess(rgb, self.cfg.image_size))
-            if not env.queue:
+            if i in decide and not env.queue:
                 need.append(i)
         if need:
             self._decide(need)
         out = {}
         for i in active:
             env = self.envs[i]
-            out[i] = env.queue.pop(0)
+            if i in decide:
+                out[i] = env.queue.pop(0)
             env.step += 1
         return out
 
@@ -277,3 +292,16 @@ class StreamingAgent:
                 break
             seq = torch.cat([seq, self.model.model.embed_tokens(torch.tensor([token], device=self.device))])
         return out
+
+
+def load_agent(checkpoint: str, num_envs: int, seed: int = 0, overrides: dict | None = None) -> StreamingAgent:
+    """The agent over a checkpoint directory: bf16 on a GPU, fp32 on CPU; None overrides keep the defaults."""
+    from pipeline.qwen_tokenizer import load_tokenizer
+    from streamvln.model.build import build_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_model(None, checkpoint, dtype=dtype).to(device).requires_grad_(False)
+    size = model.config.vision_tower_config().image_size
+    cfg = AgentConfig(image_size=size, seed=seed, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    return StreamingAgent(model, load_tokenizer(checkpoint), cfg, num_envs=num_envs)

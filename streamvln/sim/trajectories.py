@@ -51,16 +51,30 @@ class Task:
     episodes: list[NavEpisode]
 
 
+def video_name(scene_id: str, source: str, number) -> str:
+    """images/<scene>_<dataset>_<id:06d>, the reference's video folder name."""
+    number = str(number)
+    return f"images/{scene_id}_{source.lower()}_{int(number):06d}" if number.isdigit() else \
+        f"images/{scene_id}_{source.lower()}_{number}"
+
+
 def plan(episodes: list[NavEpisode], source: str) -> list[Task]:
     """One task per trajectory_id, in order of first appearance."""
     groups: dict[str, list[NavEpisode]] = {}
     for ep in episodes:
         groups.setdefault(str(ep.trajectory_id), []).append(ep)
-    tasks = []
-    for tid, eps in groups.items():
-        number = f"{int(tid):06d}" if tid.isdigit() else tid
-        tasks.append(Task(eps[0].trajectory_id, f"images/{eps[0].scene_id}_{source.lower()}_{number}", eps))
-    return tasks
+    return [Task(eps[0].trajectory_id, video_name(eps[0].scene_id, source, tid), eps) for tid, eps in groups.items()]
+
+
+def write_video(final: Path, frames, quality: int, first: int) -> None:
+    """Frames as <final>/rgb/NNN.jpg numbered from `first`, written under a temporary name, renamed when complete."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "rgb").mkdir(parents=True)
+    for n, rgb in enumerate(frames, start=first):
+        Image.fromarray(rgb).save(tmp / "rgb" / f"{n:03d}.jpg", quality=quality)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig):
@@ -106,14 +120,7 @@ def _run(args) -> dict:
     if len(actions) > cfg.max_actions:
         return {**record, "reason": f"{len(actions)} actions, over the limit of {cfg.max_actions}",
                 "kind": "too many actions"}
-    final = Path(out) / task.video
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "rgb").mkdir(parents=True)
-    for n, rgb in enumerate(frames, start=1):
-        Image.fromarray(rgb).save(tmp / "rgb" / f"{n:03d}.jpg", quality=cfg.jpeg_quality)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    write_video(Path(out) / task.video, frames, cfg.jpeg_quality, first=1)
     entry = {"id": task.trajectory_id, "video": task.video,
              "instructions": [ep.instruction_text for ep in task.episodes], "actions": [-1] + actions}
     return {**record, "entry": entry, "frames": len(frames),
@@ -158,10 +165,10 @@ def write_trajectories(episodes_path: str | Path, out: str | Path, cfg: Trajecto
 def finish(out: Path, tasks: list[Task], episodes_path, cfg: TrajectoryConfig) -> dict:
     """annotations.json, rejects.jsonl and manifest.json from the committed records, sorted by id."""
     records = [json.loads(_done_path(out, t.video).read_text()) for t in tasks]
-    written = sorted((r for r in records if "entry" in r), key=lambda r: _sort_key(r["trajectory_id"]))
-    rejected = sorted((r for r in records if "reason" in r), key=lambda r: _sort_key(r["trajectory_id"]))
-    _atomic(out / "annotations.json", json.dumps([r["entry"] for r in written], indent=1) + "\n")
-    _atomic(out / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
+    written = sorted((r for r in records if "entry" in r), key=lambda r: sort_key(r["trajectory_id"]))
+    rejected = sorted((r for r in records if "reason" in r), key=lambda r: sort_key(r["trajectory_id"]))
+    atomic_write(out / "annotations.json", json.dumps([r["entry"] for r in written], indent=1) + "\n")
+    atomic_write(out / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
     reasons = Counter(r["kind"] for r in rejected)
     expert = [r["expert"] for r in written]
     manifest = {
@@ -175,15 +182,28 @@ def finish(out: Path, tasks: list[Task], episodes_path, cfg: TrajectoryConfig) -
         "expert_spl": float(np.mean([e["spl"] for e in expert])) if expert else None,
         "config": asdict(cfg),
     }
-    _atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 
-def _sort_key(tid):
+def sort_key(tid):
     return (0, int(tid), "") if str(tid).isdigit() else (1, 0, str(tid))
 
 
-def _atomic(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def open_log(path: Path):
+    """Open a JSON-lines log for appending after cutting a last line that a kill left unfinished.
+
+    Without the cut, the next line would be glued onto the fragment and both would be lost.
+    """
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a")

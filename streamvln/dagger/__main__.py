@@ -1,0 +1,5 @@
+"""`python -m streamvln.dagger` (and `torchrun -m streamvln.dagger`): the streamvln-dagger command."""
+
+from .cli import main
+
+main()
