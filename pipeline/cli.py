@@ -140,6 +140,10 @@ def _run_cotrain(task, cfg_class, inputs, root, tokenizer_path, out, config_path
 @click.option("--force-sample/--no-force-sample", default=None, help="Always frames_upbound frames [no].")
 @click.option("--add-time-instruction/--no-time-instruction", default=None,
               help="Prefix the reference's video-length and frame-time text [no].")
+@click.option("--image-to-front/--image-in-place", default=None,
+              help="A single <image> inside the first turn moves to its front, as the reference [front].")
+@click.option("--remove-noisy-marker/--keep-noisy-marker", default=None,
+              help="Delete QA_GT_caption_based_noisy from every turn, as the reference [remove].")
 def videoqa(files, data_config, video_root, tokenizer_path, out, config_path, workers, part, num_parts, overwrite,
             quiet, **options):
     """Write video QA shards (shards/videoqa) from LLaVA-Video conversations over mp4 files, decoded by decord."""
@@ -155,7 +159,11 @@ def videoqa(files, data_config, video_root, tokenizer_path, out, config_path, wo
               help="Scene folders are <scene-root>/<video> (posed-image JPEGs).")
 @run_options
 @click.option("--frame-stride", type=int, help="Keep every Nth posed image first [10].")
-@click.option("--frames-upbound", type=int, help="Then take this many evenly, repeating if too few [32].")
+@click.option("--frames-upbound", type=int, help="Then take this many, repeating if too few [32].")
+@click.option("--frame-sampling", type=click.Choice(["reference", "linspace"]),
+              help="reference: kept[i * (len // N)] (a prefix of long scenes); linspace: the whole scene [reference].")
+@click.option("--remove-noisy-marker/--keep-noisy-marker", default=None,
+              help="Delete QA_GT_caption_based_noisy from every turn, as the reference [remove].")
 def scanqa(files, data_config, scene_root, tokenizer_path, out, config_path, workers, part, num_parts, overwrite,
            quiet, **options):
     """Write ScanQA / SQA3D shards (shards/scanqa) from conversations over ScanNet posed-image folders."""
@@ -169,7 +177,10 @@ def scanqa(files, data_config, scene_root, tokenizer_path, out, config_path, wor
 @click.option("--image-root", required=True, type=click.Path(file_okay=False, exists=True),
               help="Images are <image-root>/<image_name>.")
 @run_options
-@click.option("--max-images", type=int, help="Images per document, in sentence order [6].")
+@click.option("--max-images", type=int, help="Images per document [6].")
+@click.option("--image-choice", type=click.Choice(["reference", "sentence_order"]),
+              help="reference: the first 6 listed, then by sentence; sentence_order: by sentence, then 6 [reference].")
+@click.option("--sentence-join", help='Between sentences: "" glues them as the reference [""].')
 def mmc4(files, image_root, tokenizer_path, out, config_path, workers, part, num_parts, overwrite, quiet, **options):
     """Write MMC4 interleaved image-text shards (shards/mmc4) from jsonl documents and their images."""
     _run_cotrain("mmc4", MMC4ShardConfig, (files, None), image_root, tokenizer_path, out, config_path,
@@ -191,6 +202,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {source}: {s.get('episodes_in', 0)} in, {s.get('samples_written', 0)} samples")
     for reason, n in manifest["rejects_by_reason"].items():
         lines.append(f"  rejected ({reason}): {n}")
+    for source in manifest.get("sources", []):
+        if source.get("subset_unmatched"):
+            lines.append(f"  warning: {source['name']}: sampling_subset keyword(s) "
+                         f"{', '.join(source['subset_unmatched'])} match no video path in the file")
     return "\n".join(lines)
 
 

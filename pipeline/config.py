@@ -144,6 +144,8 @@ class VideoQAShardConfig(CotrainShardConfig):
     video_fps: int = 1  # frames kept per second before the bound applies
     force_sample: bool = False  # always take frames_upbound frames by linspace
     add_time_instruction: bool = False  # the reference's "The video lasts for ..." text
+    image_to_front: bool = True  # a single <image> inside the first turn moves to its front (reference)
+    remove_noisy_marker: bool = True  # delete "QA_GT_caption_based_noisy" from every turn (reference)
 
     def validate(self):
         super().validate()
@@ -157,19 +159,27 @@ class ScanQAShardConfig(CotrainShardConfig):
     """ScanQA / SQA3D conversations over ScanNet posed-image folders."""
 
     frame_stride: int = 10  # every 10th posed image is kept ...
-    frames_upbound: int = 32  # ... then this many are taken evenly (repeating when too few)
+    frames_upbound: int = 32  # ... then this many are taken (repeating when too few)
+    frame_sampling: str = "reference"  # the reference's stride (a prefix of long scenes) | linspace (whole scene)
+    remove_noisy_marker: bool = True  # delete "QA_GT_caption_based_noisy" from every turn (reference)
 
     def validate(self):
         super().validate()
         _check_positive(self, "frame_stride", "frames_upbound")
+        if self.frame_sampling not in ("reference", "linspace"):
+            raise ConfigError(f"frame_sampling must be 'reference' or 'linspace', got {self.frame_sampling!r}")
 
 
 @dataclass
 class MMC4ShardConfig(CotrainShardConfig):
     """MMC4 interleaved image-text documents."""
 
-    max_images: int = 6  # the first images in sentence order
+    max_images: int = 6  # images used per document
+    image_choice: str = "reference"  # reference: the first 6 listed, then by sentence | sentence_order
+    sentence_join: str = ""  # the reference glues sentences ("a.B"); " " separates them
 
     def validate(self):
         super().validate()
         _check_positive(self, "max_images")
+        if self.image_choice not in ("reference", "sentence_order"):
+            raise ConfigError(f"image_choice must be 'reference' or 'sentence_order', got {self.image_choice!r}")

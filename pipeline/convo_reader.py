@@ -93,30 +93,47 @@ def parse_strategy(strategy: str) -> tuple[str, int | None, bool]:
 
 
 def select(entries: list, spec: DatasetSpec, seed: int, media_key: str = "video") -> list[int]:
-    """Positions of the entries a data-config entry keeps: its subset keywords (any of them in the media path),
-    then its strategy. N% is ceil(P/100 x entries), as the reference; random:N is seeded by seed and file name
-    and keeps file order."""
+    """Positions of the entries a data-config entry keeps, in the reference's order: its strategy first (N% is
+    ceil(P/100 x all entries)), then its subset keywords, lower-cased, any of them in the lower-cased media
+    path. random:N is seeded by seed and file name and keeps file order."""
     positions = list(range(len(entries)))
-    if spec.sampling_subset:
-        words = [w.strip() for w in spec.sampling_subset.split(",") if w.strip()]
-        media = [e.get(media_key) if isinstance(e, dict) else None for e in entries]
-        positions = [p for p in positions if isinstance(media[p], str) and any(w in media[p] for w in words)]
     kind, number, percent = parse_strategy(spec.sampling_strategy)
-    if kind == "all":
-        return positions
-    n = math.ceil(number * len(positions) / 100) if percent else number
-    if kind == "first":
-        return positions[:n]
-    if kind == "end":
-        return positions[-n:] if n else []
-    shuffled = list(positions)
-    random.Random(f"{seed}|{Path(spec.json_path).name}").shuffle(shuffled)
-    return sorted(shuffled[:n])
+    if kind != "all":
+        n = math.ceil(number * len(positions) / 100) if percent else number
+        if kind == "first":
+            positions = positions[:n]
+        elif kind == "end":
+            positions = positions[-n:] if n else []
+        else:
+            shuffled = list(positions)
+            random.Random(f"{seed}|{Path(spec.json_path).name}").shuffle(shuffled)
+            positions = sorted(shuffled[:n])
+    words = subset_words(spec)
+    if words:
+        media = _media_paths(entries, media_key)
+        positions = [p for p in positions if media[p] is not None and any(w in media[p] for w in words)]
+    return positions
+
+
+def subset_words(spec: DatasetSpec) -> list[str]:
+    return [w.strip().lower() for w in (spec.sampling_subset or "").split(",") if w.strip()]
+
+
+def _media_paths(entries: list, media_key: str) -> list[str | None]:
+    return [e[media_key].lower() if isinstance(e, dict) and isinstance(e.get(media_key), str) else None
+            for e in entries]
+
+
+def unmatched_subset_words(entries: list, spec: DatasetSpec, media_key: str = "video") -> list[str]:
+    """Subset keywords that match no media path of the whole file: a typo or a folder that is not there."""
+    media = [m for m in _media_paths(entries, media_key) if m is not None]
+    return [w for w in subset_words(spec) if not any(w in m for m in media)]
 
 
 def read_conversations(path: Path, spec: DatasetSpec | None = None, seed: int = 0,
-                       media_key: str = "video") -> tuple[list[Record], list[Reject], int]:
-    """The entries of a conversation JSON list that `spec` selects, validated; and how many entries the file has.
+                       media_key: str = "video") -> tuple[list[Record], list[Reject], int, list[str]]:
+    """The entries of a conversation JSON list that `spec` selects, validated; how many entries the file has;
+    the subset keywords that match nothing in it.
 
     Selection runs on the raw list, as the reference's, so a broken entry is dropped by sampling exactly
     when the reference would; the selected broken ones are rejected. AnnotationError only if the file
@@ -124,7 +141,8 @@ def read_conversations(path: Path, spec: DatasetSpec | None = None, seed: int = 
     """
     path = Path(path)
     entries = load_annotations(path)
-    chosen = select(entries, spec or DatasetSpec(str(path)), seed, media_key)
+    spec = spec or DatasetSpec(str(path))
+    chosen = select(entries, spec, seed, media_key)
     records, rejects = [], []
     for pos in chosen:
         entry = entries[pos]
@@ -144,7 +162,7 @@ def read_conversations(path: Path, spec: DatasetSpec | None = None, seed: int = 
             continue
         turns = tuple((t["from"], t["value"]) for t in entry["conversations"])
         records.append(Record(source, path.stem, pos, episode_id, media, turns))
-    return records, rejects, len(entries)
+    return records, rejects, len(entries), unmatched_subset_words(entries, spec, media_key)
 
 
 def load_data_config(path: Path) -> list[DatasetSpec]:

@@ -11,8 +11,8 @@ from typing import Callable
 
 from .config import CotrainShardConfig, MMC4ShardConfig, ScanQAShardConfig, VideoQAShardConfig
 from .convo_reader import DatasetSpec, Document, Record, read_conversations, read_mmc4
-from .cotrain_dialogue import DialogueError, chat_turns, mmc4_images, mmc4_turns, scene_qa_turns, time_instruction, \
-    video_qa_turns
+from .cotrain_dialogue import DialogueError, chat_turns, mmc4_images, mmc4_turns, remove_noisy_marker, scene_qa_turns, \
+    time_instruction, video_qa_turns
 from .images import FrameError, encode_array, resize_frame
 from .qwen_tokenizer import load_tokenizer, tokenizer_info
 from .reader import AnnotationError, Reject
@@ -66,7 +66,9 @@ def build_videoqa(record: Record, root: Path, cfg: VideoQAShardConfig, tok, ids:
     except MediaError as e:
         return _reject(record, str(e))
     time_text = time_instruction(clip.seconds, clip.times) if cfg.add_time_instruction else None
-    turns = video_qa_turns(record.turns, len(clip.indices), time_text)
+    turns = video_qa_turns(record.turns, len(clip.indices), time_text, cfg.image_to_front)
+    if cfg.remove_noisy_marker:
+        turns = remove_noisy_marker(turns)
     meta = {"video": record.media, "frame_indices": clip.indices, "frame_times": clip.times,
             "video_seconds": clip.seconds}
     return make_sample("videoqa", record, turns, len(clip.indices),
@@ -92,19 +94,22 @@ def _encode_files(folder: Path, names: list[str], cfg: CotrainShardConfig, reaso
 def build_scanqa(record: Record, root: Path, cfg: ScanQAShardConfig, tok, ids: TokenIds):
     folder = root / record.media
     try:
-        names = scene_frame_plan(list_scene_images(str(folder)), cfg.frame_stride, cfg.frames_upbound)
+        names = scene_frame_plan(list_scene_images(str(folder)), cfg.frame_stride, cfg.frames_upbound,
+                                 cfg.frame_sampling)
     except MediaError as e:
         return _reject(record, str(e))
     turns = scene_qa_turns(record.turns, len(names))
+    if cfg.remove_noisy_marker:
+        turns = remove_noisy_marker(turns)
     return make_sample("scanqa", record, turns, len(names), lambda: _encode_files(folder, names, cfg, "frame"),
                        {"scene": record.media, "frame_files": names}, cfg, tok, ids)
 
 
 def build_mmc4(doc: Document, root: Path, cfg: MMC4ShardConfig, tok, ids: TokenIds):
-    images = mmc4_images(doc.images, cfg.max_images)
+    images = mmc4_images(list(doc.images), cfg.max_images, cfg.image_choice)
     names = [name for name, _ in images]
     meta = {"images": names, "matched_text_index": [i for _, i in images]}
-    return make_sample("mmc4", doc, mmc4_turns(doc.sentences, images), len(names),
+    return make_sample("mmc4", doc, mmc4_turns(doc.sentences, images, cfg.sentence_join), len(names),
                        lambda: _encode_files(root, names, cfg, "image"), meta, cfg, tok, ids)
 
 
@@ -130,10 +135,11 @@ def plan_task(task: str, inputs: list[tuple[Path, DatasetSpec | None]], cfg: Cot
             found, bad = read_mmc4(path)
             info = {"name": Path(path).stem, "sha256": sha256_file(path), "records": len(found) + len(bad)}
         else:
-            found, bad, total = read_conversations(path, spec, cfg.seed)
+            found, bad, total, unmatched = read_conversations(path, spec, cfg.seed)
             info = {"name": Path(path).stem, "sha256": sha256_file(path), "records": total,
                     "sampling_strategy": spec.sampling_strategy if spec else "all",
-                    "sampling_subset": spec.sampling_subset if spec else None, "selected": len(found) + len(bad)}
+                    "sampling_subset": spec.sampling_subset if spec else None, "selected": len(found) + len(bad),
+                    "subset_unmatched": unmatched}
         ok = []
         for unit in found:
             try:

@@ -25,12 +25,17 @@ def time_instruction(video_seconds: float, frame_times: list[float]) -> str:
             "related to this video.")
 
 
-def video_qa_turns(turns, n_frames: int, time_text: str | None = None) -> list[tuple[str, str]]:
+NOISY_MARKER = "QA_GT_caption_based_noisy"
+
+
+def video_qa_turns(turns, n_frames: int, time_text: str | None = None,
+                   image_to_front: bool = True) -> list[tuple[str, str]]:
     """One <image> per frame in the first human turn.
 
-    With a time instruction (the reference): "<image>" * n + "\\n" + text + "\\n" + the first turn with its
-    <image> removed. Without one, the first turn's single <image> becomes n of them (the reference keeps
-    one token and expands it in the model; the count is the same); a turn lacking it gets them in front.
+    With a time instruction (the reference): "<image>" * n + "\n" + text + "\n" + the first turn with its
+    <image> removed. Without one: a single <image> not at the start moves to the front, "<image>\n" + the
+    rest stripped (the reference's preprocess_multimodal; `image_to_front=False` leaves it where it
+    stands), then becomes n of them; a turn lacking it gets them in front.
     """
     first = turns[0][1]
     if any(IMAGE_TOKEN in text for _, text in turns[1:]):
@@ -41,10 +46,17 @@ def video_qa_turns(turns, n_frames: int, time_text: str | None = None) -> list[t
     if time_text is not None:
         first = f"{images}\n{time_text}\n{first.replace(IMAGE_TOKEN, '')}"
     elif IMAGE_TOKEN in first:
+        if image_to_front and not first.startswith(IMAGE_TOKEN):
+            first = IMAGE_TOKEN + "\n" + first.replace(IMAGE_TOKEN, "").strip()
         first = first.replace(IMAGE_TOKEN, images)
     else:
         first = f"{images}\n{first}"
     return [(turns[0][0], first), *turns[1:]]
+
+
+def remove_noisy_marker(turns) -> list[tuple[str, str]]:
+    """The reference's preprocess_multimodal deletes this LLaVA-Video-178K marker from every turn."""
+    return [(who, text.replace(NOISY_MARKER, "")) for who, text in turns]
 
 
 def scene_qa_turns(turns, n_frames: int) -> list[tuple[str, str]]:
@@ -57,23 +69,34 @@ def scene_qa_turns(turns, n_frames: int) -> list[tuple[str, str]]:
     return [(who, text.replace(VIDEO_TOKEN, IMAGE_TOKEN * n_frames)) for who, text in turns]
 
 
-def mmc4_images(images, max_images: int) -> list[tuple[str, int]]:
-    """The images used: ordered by matched sentence (stable for ties), the first max_images of them."""
+MMC4_IMAGE_CHOICES = ("reference", "sentence_order")
+
+
+def mmc4_images(images, max_images: int, choice: str = "reference") -> list[tuple[str, int]]:
+    """The images used, ordered by matched sentence (stable for ties).
+
+    reference: the first max_images as listed in image_info, then ordered (mmc4_dataset.py);
+    sentence_order: all ordered first, then the first max_images (the images nearest the start of the text).
+    """
+    if choice == "reference":
+        return sorted(images[:max_images], key=lambda image: image[1])
     return sorted(images, key=lambda image: image[1])[:max_images]
 
 
-def mmc4_turns(sentences, images: list[tuple[str, int]]) -> list[tuple[str, str]]:
+def mmc4_turns(sentences, images: list[tuple[str, int]], join: str = "") -> list[tuple[str, str]]:
     """The reference's exchanges for images already ordered by matched sentence.
 
-    Exchange i: human = (i = 0: the sentences before the first matched one, joined by spaces) + "<image>."
-    and assistant = the sentences from image i's matched sentence up to image i+1's (the last image: to
-    the end). A literal "<image>" in the text becomes "<IMAGE>" so it cannot be taken for a frame.
+    Exchange i: human = (i = 0: the sentences before the first matched one) + "<image>." and assistant =
+    the sentences from image i's matched sentence up to image i+1's (the last image: to the end).
+    Sentences are joined with `join`: "" as the reference (prepare_conservation), which glues them
+    ("...amber.Wobbles..."). A literal "<image>" in the text becomes "<IMAGE>" so it cannot be taken
+    for a frame.
     """
     text = [s.replace(IMAGE_TOKEN, "<IMAGE>") for s in sentences]
     matched = [index for _, index in images]
     turns = []
     for i, start in enumerate(matched):
         end = matched[i + 1] if i + 1 < len(matched) else len(text)
-        lead = " ".join(text[:start]) if i == 0 else ""
-        turns += [("human", f"{lead}{IMAGE_TOKEN}."), ("gpt", " ".join(text[start:end]))]
+        lead = join.join(text[:start]) if i == 0 else ""
+        turns += [("human", f"{lead}{IMAGE_TOKEN}."), ("gpt", join.join(text[start:end]))]
     return turns

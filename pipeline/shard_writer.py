@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

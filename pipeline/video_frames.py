@@ -73,13 +73,25 @@ def _frame_order(name: str):
     return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
 
 
-def scene_frame_plan(files: list[str], frame_stride: int, frames_upbound: int) -> list[str]:
-    """Every frame_stride-th posed image (in frame order), then frames_upbound of them evenly
-    (linspace cast to int, so frames repeat when there are fewer)."""
+SCENE_SAMPLINGS = ("reference", "linspace")
+
+
+def scene_frame_plan(files: list[str], frame_stride: int, frames_upbound: int, sampling: str = "reference") -> list[str]:
+    """Every frame_stride-th posed image (in frame order), then frames_upbound of them.
+
+    reference (StreamVLN's ScanQA/SQA3D reader): kept[i * (len(kept) // N)] for i < N when more are kept
+    (a prefix of the scene when len(kept) is not a multiple of N), cycling through kept when fewer;
+    linspace: evenly over the whole scene (cast to int, so frames repeat when there are fewer).
+    """
     kept = sorted(files, key=_frame_order)[::frame_stride]
     if not kept:
         return []
-    return [kept[i] for i in np.linspace(0, len(kept) - 1, frames_upbound, dtype=int).tolist()]
+    n = frames_upbound
+    if sampling == "linspace":
+        return [kept[i] for i in np.linspace(0, len(kept) - 1, n, dtype=int).tolist()]
+    if len(kept) > n:
+        return [kept[i * (len(kept) // n)] for i in range(n)]
+    return [kept[i % len(kept)] for i in range(n)]
 
 
 def list_scene_images(folder: str) -> list[str]:

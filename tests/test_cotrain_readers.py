@@ -68,11 +68,24 @@ def test_read_video_decodes_the_planned_frames_with_decord(tmp_path):
     assert np.allclose(frames.reshape(4, -1).mean(1), [0, 70, 145, 220], atol=8)  # grey level 5 * index
 
 
-def test_scene_frame_plan_every_tenth_then_evenly_repeating():
+def test_scene_frame_plan_linspace_option_spreads_over_the_scene():
     files = [f"{i:05d}.jpg" for i in range(25)][::-1]  # listed out of order
-    assert scene_frame_plan(files, 10, 5) == ["00000.jpg", "00000.jpg", "00010.jpg", "00010.jpg", "00020.jpg"]
+    assert scene_frame_plan(files, 10, 5, "linspace") == ["00000.jpg", "00000.jpg", "00010.jpg", "00010.jpg",
+                                                          "00020.jpg"]
     many = [f"{i}.jpg" for i in range(200)]  # unpadded names sort by number, not text
-    assert scene_frame_plan(many, 10, 4) == ["0.jpg", "60.jpg", "120.jpg", "190.jpg"]
+    assert scene_frame_plan(many, 10, 4, "linspace") == ["0.jpg", "60.jpg", "120.jpg", "190.jpg"]
+
+
+def test_scene_frame_plan_as_the_reference():
+    """kept = every 10th; more than N kept: kept[i * (len // N)] (a prefix when not a multiple); fewer: cycle."""
+    many = [f"{i}.jpg" for i in range(200)]  # 20 kept: 0, 10, ..., 190; N = 6: step 20 // 6 = 3
+    assert scene_frame_plan(many, 10, 6) == ["0.jpg", "30.jpg", "60.jpg", "90.jpg", "120.jpg", "150.jpg"]
+    # the last kept frames (160..190) are never seen: the reference's prefix, worked out from its indexing
+    assert scene_frame_plan(many, 10, 4) == ["0.jpg", "50.jpg", "100.jpg", "150.jpg"]
+    few = [f"{i:05d}.jpg" for i in range(25)][::-1]  # 3 kept: 0, 10, 20, cycled to 7
+    assert scene_frame_plan(few, 10, 7) == ["00000.jpg", "00010.jpg", "00020.jpg"] * 2 + ["00000.jpg"]
+    exact = [f"{i}.jpg" for i in range(40)]  # 4 kept, N = 4: each once
+    assert scene_frame_plan(exact, 10, 4) == ["0.jpg", "10.jpg", "20.jpg", "30.jpg"]
 
 
 # ---------------------------------------------------------------- exact samples per format
@@ -82,7 +95,7 @@ def videoqa_record(tmp_path, conversations):
     (tmp_path / "qa.json").write_text(json.dumps([{"id": "v1", "video": "clip.mp4", "data_source": "src",
                                                    "conversations": conversations}]))
     write_mp4(tmp_path / "videos" / "src" / "clip.mp4", 45, 10)
-    records, rejects, total = read_conversations(tmp_path / "qa.json")
+    records, rejects, total, _ = read_conversations(tmp_path / "qa.json")
     assert not rejects and total == 1
     return records[0]
 
@@ -123,34 +136,96 @@ def test_scanqa_sample_is_exact(tmp_path, tok, token_ids):
     conv = [{"from": "human", "value": "<video>\nWhere is the chair?"}, {"from": "gpt", "value": "By the desk."}]
     (tmp_path / "scanqa.json").write_text(json.dumps([{"id": "q0", "video": "posed_images/scene0001_00",
                                                        "conversations": conv}]))
-    (record,), _, _ = read_conversations(tmp_path / "scanqa.json")
+    (record,), _, _, _ = read_conversations(tmp_path / "scanqa.json")
     (sample,), rejects = build_scanqa(record, tmp_path / "scenes", ScanQAShardConfig(image_size=32, frames_upbound=5),
                                       tok, token_ids)
     check_sample(sample, tok, token_ids, [("human", "<image>" * 5 + "\nWhere is the chair?"), ("gpt", "By the desk.")])
+    assert sample.meta["frame_files"] == ["00000.jpg", "00010.jpg", "00020.jpg", "00000.jpg", "00010.jpg"]
+    assert sample.frames[0] == sample.frames[3] != sample.frames[1]
+    (sample,), _ = build_scanqa(record, tmp_path / "scenes", ScanQAShardConfig(image_size=32, frames_upbound=5,
+                                                                               frame_sampling="linspace"), tok, token_ids)
     assert sample.meta["frame_files"] == ["00000.jpg", "00000.jpg", "00010.jpg", "00010.jpg", "00020.jpg"]
-    assert sample.frames[0] == sample.frames[1] != sample.frames[2]
 
 
-def test_mmc4_sample_is_exact(tmp_path, tok, token_ids):
+def mmc4_doc(tmp_path):
     images = tmp_path / "images"
-    images.mkdir()
+    images.mkdir(exist_ok=True)
     for k in range(8):
         cv2.imwrite(str(images / f"im{k}.jpg"), np.full((20, 20, 3), 30 * k, np.uint8))
     text = ["Intro one.", "Intro two.", "First pic.", "More <image> text.", "Second pic.", "End."]
-    # listed out of order; eight images, two of them on sentence 5: the first 6 by sentence are used
+    # listed out of order; eight images, five on sentence 5, the last listed on sentence 0
     info = [{"image_name": "im1.jpg", "matched_text_index": 4}, {"image_name": "im0.jpg", "matched_text_index": 2}] + \
-        [{"image_name": f"im{k}.jpg", "matched_text_index": 5} for k in range(2, 8)]
+        [{"image_name": f"im{k}.jpg", "matched_text_index": 5} for k in range(2, 7)] + \
+        [{"image_name": "im7.jpg", "matched_text_index": 0}]
     (tmp_path / "docs.jsonl").write_text(json.dumps({"url": "u", "text_list": text, "image_info": info,
                                                      "similarity_matrix": []}) + "\n")
     (doc,), rejects = read_mmc4(tmp_path / "docs.jsonl")
+    return doc, images
+
+
+def test_mmc4_sample_is_exact_as_the_reference(tmp_path, tok, token_ids):
+    """The first 6 images as listed (im1, im0, im2..im5; not im7 on sentence 0), then by sentence; glued with ""."""
+    doc, images = mmc4_doc(tmp_path)
     (sample,), rejects = build_mmc4(doc, images, MMC4ShardConfig(image_size=32), tok, token_ids)
-    want = [("human", "Intro one. Intro two.<image>."), ("gpt", "First pic. More <IMAGE> text."),
+    want = [("human", "Intro one.Intro two.<image>."), ("gpt", "First pic.More <IMAGE> text."),
             ("human", "<image>."), ("gpt", "Second pic."),
             ("human", "<image>."), ("gpt", ""), ("human", "<image>."), ("gpt", ""),
             ("human", "<image>."), ("gpt", ""), ("human", "<image>."), ("gpt", "End.")]
     check_sample(sample, tok, token_ids, want)
     assert sample.meta["images"] == ["im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg", "im4.jpg", "im5.jpg"]
     assert len(sample.frames) == 6
+
+
+def test_mmc4_options_sentence_order_and_spaces(tmp_path, tok, token_ids):
+    doc, images = mmc4_doc(tmp_path)
+    cfg = MMC4ShardConfig(image_size=32, image_choice="sentence_order", sentence_join=" ")
+    (sample,), _ = build_mmc4(doc, images, cfg, tok, token_ids)
+    assert sample.meta["images"] == ["im7.jpg", "im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg", "im4.jpg"]
+    assert sample.meta["turns"][:4] == [["human", "<image>."], ["gpt", "Intro one. Intro two."],
+                                        ["human", "<image>."], ["gpt", "First pic. More <IMAGE> text."]]
+
+
+def test_mmc4_reference_choice_keeps_the_listed_first_six(tmp_path):
+    from pipeline.cotrain_dialogue import mmc4_images
+    listed = [("late.jpg", 9), ("a.jpg", 3), ("b.jpg", 1), ("c.jpg", 4), ("d.jpg", 2), ("e.jpg", 8), ("early.jpg", 0)]
+    assert [n for n, _ in mmc4_images(listed, 6)] == ["b.jpg", "d.jpg", "a.jpg", "c.jpg", "e.jpg", "late.jpg"]
+    assert [n for n, _ in mmc4_images(listed, 6, "sentence_order")] == ["early.jpg", "b.jpg", "d.jpg", "a.jpg",
+                                                                        "c.jpg", "e.jpg"]
+
+
+def test_a_single_image_inside_the_first_turn_moves_to_the_front():
+    turns = [("human", "What happens in this video? <image> Answer briefly."), ("gpt", "A ball rolls.")]
+    assert video_qa_turns(turns, 2)[0] == ("human", "<image><image>\nWhat happens in this video?  Answer briefly.")
+    assert video_qa_turns(turns, 2, image_to_front=False)[0] == (
+        "human", "What happens in this video? <image><image> Answer briefly.")
+    at_front = [("human", "<image>\nQ?"), ("gpt", "A.")]
+    assert video_qa_turns(at_front, 2)[0] == ("human", "<image><image>\nQ?")
+
+
+def test_videoqa_sample_moves_the_image_and_drops_the_noisy_marker(tmp_path, tok, token_ids):
+    conv = [{"from": "human", "value": "QA_GT_caption_based_noisy Describe <image> it."},
+            {"from": "gpt", "value": "QA_GT_caption_based_noisyA grey screen."}]
+    record = videoqa_record(tmp_path, conv)
+    (sample,), _ = build_videoqa(record, tmp_path / "videos", VideoQAShardConfig(image_size=32, frames_upbound=2),
+                                 tok, token_ids)
+    # moved first ("<image>\n" + the rest stripped), then the marker deleted, as preprocess_multimodal
+    check_sample(sample, tok, token_ids, [("human", "<image><image>\n Describe  it."), ("gpt", "A grey screen.")])
+    cfg = VideoQAShardConfig(image_size=32, frames_upbound=2, image_to_front=False, remove_noisy_marker=False)
+    (sample,), _ = build_videoqa(record, tmp_path / "videos", cfg, tok, token_ids)
+    assert sample.meta["turns"][0][1] == "QA_GT_caption_based_noisy Describe <image><image> it."
+
+
+def test_scanqa_sample_drops_the_noisy_marker(tmp_path, tok, token_ids):
+    scene = tmp_path / "scenes" / "s0"
+    scene.mkdir(parents=True)
+    for i in range(3):
+        cv2.imwrite(str(scene / f"{i}.jpg"), np.full((30, 40, 3), 50 * i, np.uint8))
+    conv = [{"from": "human", "value": "<video>\nQA_GT_caption_based_noisyColour?"}, {"from": "gpt", "value": "Red."}]
+    (tmp_path / "scanqa.json").write_text(json.dumps([{"id": "q", "video": "s0", "conversations": conv}]))
+    (record,), _, _, _ = read_conversations(tmp_path / "scanqa.json")
+    (sample,), _ = build_scanqa(record, tmp_path / "scenes", ScanQAShardConfig(image_size=32, frames_upbound=2,
+                                                                               frame_stride=1), tok, token_ids)
+    check_sample(sample, tok, token_ids, [("human", "<image><image>\nColour?"), ("gpt", "Red.")])
 
 
 def test_media_token_rules():
@@ -185,9 +260,24 @@ def test_random_sampling_is_seeded_and_keeps_file_order():
     assert len(select(entries(50), DatasetSpec("a.json", "random:30%"), seed=0)) == 15
 
 
-def test_subset_keywords_then_strategy():
-    got = select(entries(10), DatasetSpec("a.json", "first:2", "cooking, nothing"), seed=0)
+def test_strategy_then_subset_keywords_case_insensitive():
+    """As the reference: first:N takes the file's first N entries, then the lower-cased keywords filter them."""
+    got = select(entries(10), DatasetSpec("a.json", "first:4", "cooking, nothing"), seed=0)
     assert got == [1, 3]
+    assert select(entries(10), DatasetSpec("a.json", "first:20%", "COOKING"), seed=0) == [1]  # 20% of all 10
+    assert select(entries(10), DatasetSpec("a.json", "end:3", "sports"), seed=0) == [8]
+
+
+def test_reference_data_config_keeps_nextqa_and_charades():
+    """The reference's config/co-training_data.yaml subset against LLaVA-Video-178K's folder names."""
+    videos = ["academic_source/NextQA/1.mp4", "academic_source/Charades/2.mp4", "academic_source/activitynet/3.mp4",
+              "academic_source/ego4d/4.mp4", "liwei_youtube_videos/5.mp4", "academic_source/youcook2/6.mp4"]
+    listed = [{"id": i, "video": v} for i, v in enumerate(videos)]
+    spec = DatasetSpec("a.json", "all", "nextqa,activitynet,ego4d,charades")
+    assert select(listed, spec, seed=0) == [0, 1, 2, 3]
+    from pipeline.convo_reader import unmatched_subset_words
+    assert unmatched_subset_words(listed, spec) == []
+    assert unmatched_subset_words(listed, DatasetSpec("a.json", "all", "nextqa,perceptiontest")) == ["perceptiontest"]
 
 
 @pytest.mark.parametrize("bad", ["some", "first", "first:0", "first:x", "random:0%", "end:101%", "middle:3"])

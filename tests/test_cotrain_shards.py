@@ -253,3 +253,33 @@ def test_input_files_must_have_distinct_names(tmp_path, tokenizer_dir):
         run_cotrain("videoqa", [(tmp_path / "a" / "qa.json", None), (tmp_path / "b" / "qa.json", None)], tmp_path,
                     tmp_path / "out", VideoQAShardConfig(), tokenizer_dir, progress=False)
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_cli_reports_subset_keywords_that_match_nothing(demo, tokenizer_dir, tmp_path):
+    (tmp_path / "mix.yaml").write_text(f"datasets:\n  - json_path: {demo / 'videoqa' / 'academic.json'}\n"
+                                       "    sampling_strategy: first:3\n    sampling_subset: CLIP_000,perceptiontest\n")
+    args = ["videoqa", "--data-config", str(tmp_path / "mix.yaml"), "--video-root", str(demo / "videoqa" / "videos"),
+            "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out"), "--image-size", "32",
+            "--frames-upbound", "2", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "records: 3 in" in result.output  # first:3, then the keyword matched case-insensitively
+    assert "sampling_subset keyword(s) perceptiontest match no video path" in result.output
+    sources = json.loads((tmp_path / "out" / "videoqa" / "manifest.json").read_text())["splits"]["train"]["sources"]
+    assert sources[0]["subset_unmatched"] == ["perceptiontest"] and sources[0]["selected"] == 3
+
+
+def test_cli_departure_options_reach_the_samples(demo, tokenizer_dir, tmp_path):
+    base = ["mmc4", "--jsonl", str(demo / "mmc4" / "val.jsonl"), "--image-root", str(demo / "mmc4" / "images"),
+            "--tokenizer", str(tokenizer_dir), "--image-size", "32", "--quiet"]
+    glued = CliRunner().invoke(main, base + ["--out", str(tmp_path / "a")])
+    spaced = CliRunner().invoke(main, base + ["--out", str(tmp_path / "b"), "--sentence-join", " ",
+                                              "--image-choice", "sentence_order"])
+    assert glued.exit_code == 0 and spaced.exit_code == 0, glued.output + spaced.output
+    options = json.loads((tmp_path / "b" / "mmc4" / "manifest.json").read_text())["splits"]["train"]["options"]
+    assert options["sentence_join"] == " " and options["image_choice"] == "sentence_order"
+    assert json.loads((tmp_path / "a" / "mmc4" / "manifest.json").read_text())["splits"]["train"]["options"][
+        "sentence_join"] == ""
+    # the same folder under other options is refused on resume, naming them
+    again = CliRunner().invoke(main, base + ["--out", str(tmp_path / "a"), "--sentence-join", " "])
+    assert again.exit_code != 0 and "options" in again.output
