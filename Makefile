@@ -17,12 +17,17 @@ VAL_SRCS := --src $(SIM)/val_unseen/SimR2R
 # The co-training demo shards: 112x112 frames (the tiny model's input), at most 8 frames a sample.
 COTRAIN := --tokenizer $(TOKENIZER) --out shards --image-size 112 --samples-per-shard 32 --quiet
 WORDS := --words red,green,blue,yellow,white,black,left,right,circle,square,triangle
+# DAgger in the demo: the stage-1 model drives on every 6th training episode (80 of 480) and the expert
+# takes over when it goes wrong (the reference's rules and save criterion, configs/dagger/reference.yaml).
+DAGGER := data/dagger_data/SimR2R
+DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/trajectory_data/SimR2R/annotations.json \
+	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install tokenizer demo-data sim-data shards demo test bench clean
+.PHONY: help install tokenizer demo-data sim-data shards dagger demo demo-dagger test bench clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed  ## .venv with the package (editable) and test tools; idempotent
 
@@ -80,7 +85,7 @@ shards: tokenizer demo-data sim-data  ## write shards/{nav,videoqa,scanqa,mmc4} 
 	$(BIN)/streamvln-shards mmc4 --jsonl $(DEMO)/mmc4/val.jsonl --image-root $(DEMO)/mmc4/images \
 		--config configs/shards/mmc4.yaml $(COTRAIN) --split val
 
-demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, shards, peek, train stage 1 + 2, evaluate, closed loop
+demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, shards, peek, stage 1, DAgger, stage 2, evaluate, closed loop
 	$(BIN)/streamvln-sim inspect --episodes $(SIM)/episodes/val_unseen.json.gz
 	$(BIN)/streamvln-sim show --episodes $(SIM)/episodes/val_unseen.json.gz --episode 3 --walk --out $(SIM)/val_unseen_ep3.png
 	tools/peek shards/nav
@@ -95,6 +100,7 @@ demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, 
 	tools/peek shards/mmc4 --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,mmc4) --sheet shards/peek-mmc4.png
 	@echo "stage 1 model on every task's held-out samples (before stage 2):"
 	$(BIN)/streamvln-eval --checkpoint runs/demo/final --shards configs/data/demo_stage2_val.yaml --out runs/demo/eval_all_tasks.json $(WORDS)
+	$(MAKE) --no-print-directory dagger
 	rm -rf runs/demo_stage2
 	$(BIN)/streamvln-train --shards configs/data/demo_stage2.yaml --config configs/train/demo_stage2.yaml --output-dir runs/demo_stage2
 	$(BIN)/streamvln-eval --checkpoint runs/demo_stage2/final --shards configs/data/demo_stage2_val.yaml --out runs/demo_stage2/eval.json $(WORDS)
@@ -102,6 +108,27 @@ demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, 
 	rm -rf runs/demo/nav_eval*
 	$(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval --maps
 	for p in expert random forward; do $(BIN)/streamvln-nav-eval --policy $$p $(NAV_EVAL) --output runs/demo/nav_eval_$$p || exit 1; done
+
+dagger: | $(VENV)/.installed  ## DAgger data with the stage-1 demo model (runs/demo/final) into data/dagger_data, sharded as split dagger
+	@test -d runs/demo/final || { echo "no runs/demo/final: run make demo first"; exit 2; }
+	$(BIN)/streamvln-dagger --checkpoint runs/demo/final $(DAGGER_RUN) --out $(DAGGER) --overwrite
+	$(BIN)/streamvln-shards nav --src $(DAGGER) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml \
+		--split dagger --overwrite --quiet
+
+# After make demo: fine-tune the stage-1 model on original + DAgger data and, as the fair control, on the
+# original data alone for the same steps; both in closed loop on the held-out scenes, beside stage 1.
+demo-dagger: | $(VENV)/.installed  ## DAgger's effect: stage 1 fine-tuned with vs without DAgger data, closed loop before/after
+	@test -f $(DAGGER)/annotations.json || { echo "no DAgger data: run make demo first"; exit 2; }
+	rm -rf runs/demo_dagger runs/demo_dagger_control
+	$(BIN)/streamvln-train --shards configs/data/demo_dagger.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger
+	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger_control
+	test -f runs/demo/nav_eval/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval
+	$(BIN)/streamvln-nav-eval --checkpoint runs/demo_dagger/final $(NAV_EVAL) --output runs/demo_dagger/nav_eval
+	$(BIN)/streamvln-nav-eval --checkpoint runs/demo_dagger_control/final $(NAV_EVAL) --output runs/demo_dagger_control/nav_eval
+	@echo "closed loop on val_unseen: before (stage 1), after original + DAgger, after original only (control):"
+	@for r in demo demo_dagger demo_dagger_control; do $(PY) -c "import json,sys; s=json.load(open(sys.argv[1]))['val_unseen']; \
+		print(f\"  {sys.argv[2]:<22} SR {s['success']:.3f}  SPL {s['spl']:.3f}  nDTW {s['ndtw']:.3f}  NE {s['navigation_error']:.2f}  OS {s['oracle_success']:.3f}\")" \
+		runs/$$r/nav_eval/summary.json $$r || exit 1; done
 
 test: install tokenizer  ## run the test suite (installs what it needs)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
@@ -115,4 +142,5 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 	$(PY) tests/bench/bench_agent.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
-	rm -rf $(DEMO) $(SIM) shards/nav shards/videoqa shards/scanqa shards/mmc4 shards/peek-*.png runs/demo runs/demo_stage2
+	rm -rf $(DEMO) $(SIM) data/dagger_data shards/nav shards/videoqa shards/scanqa shards/mmc4 shards/peek-*.png runs/demo \
+		runs/demo_stage2 runs/demo_dagger runs/demo_dagger_control

@@ -114,6 +114,8 @@ def test_every_shipped_config_loads_strictly():
 
     assert load_config(TrajectoryConfig, root / "sim" / "trajectories.yaml") == TrajectoryConfig()  # = defaults
     assert load_config(EpisodeGenConfig, root / "sim" / "episodes_train.yaml") == EpisodeGenConfig()
+    from streamvln.dagger.policy import DaggerConfig
+    assert load_config(DaggerConfig, root / "dagger" / "reference.yaml") == DaggerConfig()  # = defaults
     for path in (root / "deepspeed").glob("*.json"):
         assert json.loads(path.read_text())["zero_optimization"]["stage"] in (2, 3)
 
