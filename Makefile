@@ -115,19 +115,28 @@ dagger: | $(VENV)/.installed  ## DAgger data with the stage-1 demo model (runs/d
 	$(BIN)/streamvln-shards nav --src $(DAGGER) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml \
 		--split dagger --overwrite --quiet
 
-# After make demo: fine-tune the stage-1 model on original + DAgger data and, as the fair control, on the
-# original data alone for the same steps; both in closed loop on the held-out scenes, beside stage 1.
+# After make demo: fine-tune the stage-1 model for the same steps on original + DAgger data (the reference's:
+# executed actions, its save rule), on original + relabelled DAgger data (the same episodes, every one
+# saved, labelled with the expert's action in each visited state) and, as the fair control, on the
+# original data alone; all in closed loop on the held-out scenes, beside stage 1.
+DAGGER_RELABEL := data/dagger_data_relabel/SimR2R
 demo-dagger: | $(VENV)/.installed  ## DAgger's effect: stage 1 fine-tuned with vs without DAgger data, closed loop before/after
 	@test -f $(DAGGER)/annotations.json || { echo "no DAgger data: run make demo first"; exit 2; }
-	rm -rf runs/demo_dagger runs/demo_dagger_control
+	$(BIN)/streamvln-dagger --checkpoint runs/demo/final $(DAGGER_RUN) --labels expert --save all --out $(DAGGER_RELABEL) \
+		--overwrite --quiet
+	$(BIN)/streamvln-shards nav --src $(DAGGER_RELABEL) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml \
+		--split dagger_relabel --overwrite --quiet
+	rm -rf runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control
 	$(BIN)/streamvln-train --shards configs/data/demo_dagger.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger
+	$(BIN)/streamvln-train --shards configs/data/demo_dagger_relabel.yaml --config configs/train/demo_dagger.yaml \
+		--output-dir runs/demo_dagger_relabel
 	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger_control
 	test -f runs/demo/nav_eval/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval
-	$(BIN)/streamvln-nav-eval --checkpoint runs/demo_dagger/final $(NAV_EVAL) --output runs/demo_dagger/nav_eval
-	$(BIN)/streamvln-nav-eval --checkpoint runs/demo_dagger_control/final $(NAV_EVAL) --output runs/demo_dagger_control/nav_eval
-	@echo "closed loop on val_unseen: before (stage 1), after original + DAgger, after original only (control):"
-	@for r in demo demo_dagger demo_dagger_control; do $(PY) -c "import json,sys; s=json.load(open(sys.argv[1]))['val_unseen']; \
-		print(f\"  {sys.argv[2]:<22} SR {s['success']:.3f}  SPL {s['spl']:.3f}  nDTW {s['ndtw']:.3f}  NE {s['navigation_error']:.2f}  OS {s['oracle_success']:.3f}\")" \
+	for r in demo_dagger demo_dagger_relabel demo_dagger_control; do \
+		$(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(NAV_EVAL) --output runs/$$r/nav_eval || exit 1; done
+	@echo "closed loop on val_unseen: before (stage 1), after fine-tuning on original + DAgger, + relabelled DAgger, original only:"
+	@for r in demo demo_dagger demo_dagger_relabel demo_dagger_control; do $(PY) -c "import json,sys; s=json.load(open(sys.argv[1]))['val_unseen']; \
+		print(f\"  {sys.argv[2]:<22} SR {s['success']:.3f}  SPL {s['spl']:.3f}  nDTW {s['ndtw']:.3f}  NE {s['navigation_error']:.2f}  OS {s['oracle_success']:.3f}  collisions {s['collisions']:.1f}\")" \
 		runs/$$r/nav_eval/summary.json $$r || exit 1; done
 
 test: install tokenizer  ## run the test suite (installs what it needs)
@@ -140,7 +149,8 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 	$(PY) tests/bench/bench_train.py
 	$(PY) tests/bench/bench_sim.py
 	$(PY) tests/bench/bench_agent.py
+	$(PY) tests/bench/bench_dagger.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
-	rm -rf $(DEMO) $(SIM) data/dagger_data shards/nav shards/videoqa shards/scanqa shards/mmc4 shards/peek-*.png runs/demo \
-		runs/demo_stage2 runs/demo_dagger runs/demo_dagger_control
+	rm -rf $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \
+		shards/peek-*.png runs/demo runs/demo_stage2 runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from streamvln.sim.base import SimConfig
 from streamvln.sim.episodes import EpisodeFileError, read_episodes
-from streamvln.sim.trajectories import open_log
+from streamvln.sim.trajectories import open_log, read_log
 
 METRICS = ("success", "spl", "oracle_success", "navigation_error", "ndtw", "sdtw", "path_length", "steps",
            "collisions")
@@ -35,11 +35,7 @@ def _key(scene_id, episode_id) -> str:
 def load_done(output: Path) -> dict[str, dict]:
     done = {}
     for f in sorted(output.glob("result*.jsonl")):
-        for line in f.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: that episode runs again
+        for row in read_log(f):  # a line cut by a kill is skipped: that episode runs again
             done[_key(row["scene_id"], row["episode_id"])] = row
     return done
 

@@ -145,6 +145,19 @@ def test_errors_over_the_ratio_of_reference_actions_per_segment_hand_over(sim):
     assert info["sources"][:3] == "mme"
 
 
+def test_saved_labels_are_the_executed_actions_or_the_experts(sim):
+    from streamvln.dagger.collect import episode_row
+    ep = nav_episode("hand_two_rooms", (0.3, 2.0), (3.5, 2.0), heading=WEST)
+    result, info, _ = run(sim, ep, into_the_wall)
+    n = len(result.actions)
+    _, executed, _ = episode_row(result, DaggerConfig(save="all"), "x")
+    assert executed["actions"] == [-1] + result.actions[:-1] and executed["actions"][1:13] == [FORWARD] * 12
+    _, relabelled, _ = episode_row(result, DaggerConfig(save="all", labels="expert"), "x")
+    # the 12 bumps into the wall are labelled with the expert's turn; from the intervention on, both agree
+    assert set(relabelled["actions"][1:13]) <= {LEFT, RIGHT} and relabelled["actions"][13:] == executed["actions"][13:]
+    assert len(relabelled["actions"]) == n and info["expert_actions"][-1] == STOP
+
+
 def test_reaching_the_next_waypoint_ends_the_intervention(sim):
     ep = nav_episode("hand_two_rooms", (0.3, 2.0), (6.5, 1.0), heading=WEST,
                      reference=[[0.3, 0, 2.0], [2.2, 0, 2.0], [4.0, 0, 1.0], [6.5, 0, 1.0]])
@@ -284,6 +297,17 @@ def test_collection_format_resume_determinism_and_sharding(world, one, tmp_path,
     manifest = json.loads((tmp_path / "shards" / "nav" / "manifest.json").read_text())
     counts = manifest["splits"]["dagger"]["counts"]
     assert counts["episodes_written"] == len(eps) and counts["samples_written"] >= len(eps), counts
+    import tarfile
+    chunks = {}
+    for tar in sorted((tmp_path / "shards" / "nav").glob("dagger-*.tar")):
+        with tarfile.open(tar) as t:
+            for member in t.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(t.extractfile(member).read())
+                    chunks.setdefault(meta["episode_id"], []).append((meta["start"], meta["actions"]))
+    for e in entries:  # the training samples' actions are the executed ones: actions[1:] + [STOP], chunk by chunk
+        got = [a for _, acts in sorted(chunks[str(e["id"])]) for a in acts]
+        assert got == e["actions"][1:] + [0]
 
 
 @pytest.mark.slow

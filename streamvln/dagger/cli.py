@@ -63,6 +63,8 @@ def _clear(out: Path) -> None:
 @click.option("--max-error-ratio", type=float, help="intolerable: errors / actions per segment above this [0.8]")
 @click.option("--max-errors", type=int, help="intolerable: more errors than this [12]")
 @click.option("--save", type=click.Choice(SAVE_MODES), help="reference (the reference's criterion) | success | all")
+@click.option("--labels", type=click.Choice(["executed", "expert"]),
+              help="saved actions: executed (the reference) | expert (the expert's action at each frame) [executed]")
 @click.option("--seed", type=int, help="chunk draws and the agent's conjunctions [0]")
 @click.option("--num-envs", default=1, show_default=True, help="environments stepped together per process")
 @click.option("--every", default=1, show_default=True, help="collect on every K-th episode")

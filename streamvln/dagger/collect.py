@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamvln.sim.trajectories import atomic_write, open_log, sort_key, video_name, write_video
+from streamvln.sim.trajectories import atomic_write, open_log, read_log, sort_key, video_name, write_video
 
 from .policy import DaggerConfig, relative_pl, save_decision
 
@@ -50,11 +50,7 @@ def load_log(out: Path) -> dict[str, dict]:
     """Every committed episode of every rank's log (a line cut by a kill does not count: it runs again)."""
     done = {}
     for f in sorted(out.glob("log.rank*.jsonl")):
-        for line in f.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in read_log(f):
             done.setdefault(f"{row['scene_id']}|{row['episode_id']}", row)
     return done
 
@@ -89,9 +85,12 @@ def episode_row(result, cfg: DaggerConfig, dataset: str) -> tuple[dict, dict | N
     if not save:
         return row, None, None
     # One frame per entry of `actions`: the frame before each step; the final STOP is not an entry.
+    # Entry k >= 1 is the label of frame k - 1 (training shifts by one and ends on STOP): the action
+    # taken there (the reference), or with labels: expert the expert's action in that state.
     n = len(result.actions)
+    labels = info["expert_actions"] if cfg.labels == "expert" else result.actions
     entry = {"id": ep.episode_id, "video": video_name(ep.scene_id, dataset, ep.episode_id),
-             "instructions": [ep.instruction_text], "actions": [-1] + [int(a) for a in result.actions[:n - 1]]}
+             "instructions": [ep.instruction_text], "actions": [-1] + [int(a) for a in labels[:n - 1]]}
     row["video"], row["frames"] = entry["video"], n
     return row, entry, result.frames[:n]
 
@@ -132,16 +131,8 @@ def _entries(rows) -> list[dict]:
 
 def write_rank_annotations(out: Path, rank: int) -> None:
     log = out / f"log.rank{rank}.jsonl"
-    rows = list(load_log_file(log)) if log.exists() else []
+    rows = list(read_log(log)) if log.exists() else []
     atomic_write(out / f"annotations_{rank}.json", json.dumps(_entries(rows), indent=1) + "\n")
-
-
-def load_log_file(path: Path):
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue
 
 
 def merge(out: Path, episodes, resolved: dict) -> dict:

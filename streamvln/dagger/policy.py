@@ -20,7 +20,9 @@ reference does (`streamvln_dagger.py`, reference document section 10), step by s
 
 One departure (docs/dagger.md): the disagreement is counted against the expert's action after
 the waypoint has advanced; the reference compares with the follower's STOP at a reached
-waypoint, so any move there counted as an error.
+waypoint, so any move there counted as an error. The expert's action is recorded at every step,
+so `labels: expert` can save the classic DAgger labels (the expert's action in each visited
+state) instead of the executed actions the reference saves.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from streamvln.sim.base import STOP
 
 SAVE_MODES = ("reference", "success", "all")
+LABELS = ("executed", "expert")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class DaggerConfig:
     corrected_pl: float = 0.93  # RELATIVE_PATH_LENGTH_THRESHOLD
     clean_pl: float = 0.85  # SUCCESS_RELATIVE_PATH_LENGTH_THRESHOLD
     seed: int = 0  # per-episode chunk draws (the reference seeds Python's RNG with the rank)
+    labels: str = "executed"  # executed: the actions taken (reference) | expert: the expert's action at each frame
 
     @property
     def beta(self) -> float:
@@ -65,6 +69,8 @@ class DaggerConfig:
             raise ValueError("iteration must be >= 0 and num_future_steps >= 1")
         if self.save not in SAVE_MODES:
             raise ValueError(f"save must be one of {SAVE_MODES}, got {self.save!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
         for name in ("intermediate_radius", "final_radius", "save_distance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -87,6 +93,7 @@ class EpisodeState:
     model_steps: int = 0
     max_errors_seen: int = 0
     sources: list = field(default_factory=list)  # "e" / "m" per executed step
+    expert_actions: list = field(default_factory=list)  # the expert's action in each step's state
 
 
 def episode_rng(seed: int, episode) -> random.Random:
@@ -182,6 +189,7 @@ class DaggerPolicy:
             expert = self.expert(i)
             if not from_model:
                 action = expert
+            s.expert_actions.append(expert)
             if s.end:  # past the last waypoint: the episode ends here, whoever acted
                 out[i] = STOP
                 s.sources.append("e")
@@ -211,4 +219,4 @@ class DaggerPolicy:
         return {"model_success": s.model_success, "force_episode_end": s.end, "interventions": s.interventions,
                 "accumulated_error": s.errors, "max_accumulated_error": s.max_errors_seen,
                 "expert_steps": s.expert_steps, "model_steps": s.model_steps, "ref_actions": s.ref_actions,
-                "sources": "".join(s.sources)}
+                "sources": "".join(s.sources), "expert_actions": list(s.expert_actions)}

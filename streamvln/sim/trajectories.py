@@ -207,3 +207,12 @@ def open_log(path: Path):
             with open(path, "r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
     return open(path, "a")
+
+
+def read_log(path: Path):
+    """The rows of a JSON-lines log; a line a kill cut short is skipped (its episode runs again)."""
+    for line in Path(path).read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
