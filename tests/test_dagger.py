@@ -325,3 +325,32 @@ def test_torchrun_splits_episodes_over_ranks_and_rank0_merges(world, one, tmp_pa
     assert per_rank == [[e.episode_id for e in eps[0::2]], [e.episode_id for e in eps[1::2]]]
     assert [e["id"] for e in json.loads((out / "annotations_1.json").read_text())] == per_rank[1]
     assert folder(out) == folder(one)  # the same trajectories and frames as one process
+
+
+@pytest.mark.slow
+def test_a_real_kill_resumes_without_redoing_or_duplicating(world, one, tmp_path):
+    """SIGKILL a running collection after its first committed episode; the rerun finishes to the same bytes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, eps = world
+    out = tmp_path / "killed" / "SimR2R"
+    cmd = [sys.executable, "-m", "streamvln.dagger", "--checkpoint", str(root / "ckpt"), "--episodes",
+           str(root / "train.json.gz"), "--out", str(out), "--width", "32", "--height", "24", "--save", "all", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = out / "log.rank0.jsonl", time.time() + 180
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from streamvln.sim.trajectories import read_log
+    before = [row["episode_id"] for row in read_log(log)]  # a line the kill cut is not committed
+    assert 1 <= len(before) < len(eps) and not (out / "annotations.json").exists()
+    r = cli(world, out)
+    assert f"{len(eps) - len(before)} episodes to collect" in r.output
+    rows = [json.loads(x)["episode_id"] for x in log.read_text().splitlines()]
+    assert sorted(rows) == sorted(ep.episode_id for ep in eps)  # each once
+    assert folder(out) == folder(one)
