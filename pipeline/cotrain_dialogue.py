@@ -32,8 +32,8 @@ def video_qa_turns(turns, n_frames: int, time_text: str | None = None,
                    image_to_front: bool = True) -> list[tuple[str, str]]:
     """One <image> per frame in the first human turn.
 
-    With a time instruction (the reference): "<image>" * n + "\n" + text + "\n" + the first turn with its
-    <image> removed. Without one: a single <image> not at the start moves to the front, "<image>\n" + the
+    With a time instruction (the reference): "<image>" * n + "\\n" + text + "\\n" + the first turn with its
+    <image> removed. Without one: a single <image> not at the start moves to the front, "<image>\\n" + the
     rest stripped (the reference's preprocess_multimodal; `image_to_front=False` leaves it where it
     stands), then becomes n of them; a turn lacking it gets them in front.
     """
