@@ -1,6 +1,7 @@
 """The model: placement of history and current frames, pooling, loss only where labelled, checkpoint layouts."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -164,6 +165,62 @@ def test_loads_a_checkpoint_in_the_llava_video_layout(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     state = loaded.state_dict()
     assert all(torch.equal(state[k], weights[k]) for k in names)
+
+
+def reference_training_config_json(config: StreamVLNConfig) -> dict:
+    """config.json in the shape the reference's streamvln_train.py saves: its overwrites (stride None from its
+    run arguments, merge type "flat"), LLaVA's initialize_vision_modules keys and the LLaVA-Video release's."""
+    raw = config.to_dict()
+    raw.update(
+        architectures=["StreamVLNForCausalLM"], model_type="llava_qwen", mm_spatial_pool_stride=None,
+        mm_patch_merge_type="flat", mm_spatial_pool_mode="bilinear", image_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=[[384, 384], [384, 768]], image_crop_resolution=None, image_split_resolution=None,
+        tokenizer_padding_side="right", tokenizer_model_max_length=32768, mm_newline_position="grid",
+        add_faster_video=False, faster_token_stride=10, force_sample=False,
+        mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,mm_language_model", mm_use_im_start_end=False,
+        mm_projector_lr=None, mm_vision_tower_lr=5e-6, mm_use_im_patch_token=False, use_mm_proj=True,
+        mm_vision_select_feature="patch", mm_resampler_type=None, vision_tower_pretrained=None, use_cache=True,
+        add_time_instruction=False, use_pos_skipping=False, pos_skipping_range=4096,
+        tune_mm_mlp_adapter=False, unfreeze_mm_vision_tower=False, mm_spatial_pool_out_channels=None)
+    return raw
+
+
+def test_loads_a_checkpoint_as_the_reference_training_saves_it(tmp_path):
+    """Stride null (the reference pools with 2 regardless), merge type flat and no image_newline tensor."""
+    import warnings
+
+    from streamvln.model.build import build_model
+    config = tiny_config(mm_vision_select_layer=-2)
+    raw = reference_training_config_json(config)
+    assert StreamVLNConfig.unrecognised_keys(raw) == []  # every key is used or knowingly ignored
+    names = reference_layout_names(config, vision_layers=2) - {"model.image_newline"}
+    shapes = {k: v.shape for k, v in StreamVLNForCausalLM(config).state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    save_file({k: torch.randn(shapes[k], generator=g) for k in sorted(names)}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded, info = StreamVLNForCausalLM.from_pretrained(tmp_path, local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.config.mm_spatial_pool_stride == 2 and not hasattr(loaded.model, "image_newline")
+    side = VISION["image_size"] // VISION["patch_size"]
+    tokens = loaded.encode_frames(torch.rand(1, 2, 3, VISION["image_size"], VISION["image_size"]), torch.tensor([2]))
+    assert tokens[0].shape[1] == math.ceil(side / 2) ** 2  # pooled with stride 2, no TypeError on None
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(**hand_batch())["loss"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unknown key" warning for the reference's own keys
+        build_model(None, str(tmp_path))
+    raw["mm_magic_option"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match="mm_magic_option"):
+        build_model(None, str(tmp_path))
+
+
+@pytest.mark.parametrize("key, value", [("mm_use_im_start_end", True), ("mm_vision_select_feature", "cls_patch"),
+                                        ("add_faster_video", True), ("mm_resampler_type", "perceiver")])
+def test_config_values_the_model_cannot_reproduce_are_refused(key, value):
+    with pytest.raises(ValueError, match=key):
+        tiny_config(**{key: value})
 
 
 def test_known_vision_tower_resolves_locally_and_unknown_is_an_error():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,10 @@ def build_model(model_config: str | None, checkpoint: str | None, dtype=torch.fl
     if checkpoint is not None:
         if not (Path(checkpoint) / "config.json").is_file():
             raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
+        unknown = StreamVLNConfig.unrecognised_keys(json.loads((Path(checkpoint) / "config.json").read_text()))
+        if unknown:
+            warnings.warn(f"{checkpoint}/config.json: keys this model neither uses nor knowingly ignores: "
+                          f"{', '.join(unknown)} (see docs/model.md)", stacklevel=2)
         return StreamVLNForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=dtype,
                                                     attn_implementation="sdpa")
     config = StreamVLNConfig(**yaml.safe_load(Path(model_config).read_text()), attn_implementation="sdpa")

@@ -48,8 +48,10 @@ class StreamVLNModel(Qwen2Model):
         self.vision_tower = VisionTower(config.vision_tower_config())
         self.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, config.hidden_size), nn.GELU(),
                                           nn.Linear(config.hidden_size, config.hidden_size))
-        # Present in LLaVA-Video checkpoints (its image-grid path); StreamVLN's frame path does not use it.
-        self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+        # Present in LLaVA-Video checkpoints (its image-grid path); StreamVLN's frame path does not use it,
+        # and the reference's training ("flat" merge type) saves none: created as LLaVA does.
+        if config.has_image_newline:
+            self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
 
 
 def pool_frames(features: torch.Tensor, mode: str, stride: int) -> torch.Tensor:
