@@ -16,7 +16,7 @@ from .schedule import Schedule, TaskStream
 from .shards import CorruptSample, SampleReader, TaskData, load_task
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: before elastic resume (still read)
 MAX_REPLACEMENTS = 64  # with skip_corrupt: how far to look for a readable sample before giving up
 
 
@@ -51,8 +51,8 @@ class MixPlan:
         self.streams = [TaskStream(t.shard_starts, t.shard_sizes, seed=mix.seed, task=i, window=mix.shuffle_window,
                                    epoch_len=n) for i, (t, n) in enumerate(zip(self.tasks, self.schedule.epoch_lens))]
         self.augment = [mix.augment if m.augment is None else m.augment for m in mix.tasks]
-        self.fingerprint = hashlib.sha256(json.dumps(
-            [mix.order_fields(), [t.fingerprint for t in self.tasks]], sort_keys=True).encode()).hexdigest()
+        self.task_fingerprints = [t.fingerprint for t in self.tasks]
+        self.fingerprint = hashlib.sha256(json.dumps(self.task_fingerprints).encode()).hexdigest()
 
     def rank_slots(self, b: int) -> list[tuple[int, int]]:
         B = self.mix.batch_size
@@ -153,24 +153,42 @@ class ShardLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "world_size": self.plan.world_size, "rank": self.plan.rank,
+        sched = self.plan.schedule
+        return {"version": STATE_VERSION, "world_size": self.plan.world_size, "batch_size": self.plan.mix.batch_size,
+                "global_batch": sched.global_batch, "start": sched.start, "origins": sched.origins,
                 "mix": self.plan.mix.order_fields(), "data": self.plan.fingerprint,
                 "batches": self.batches, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after state["batches"]; refuses a state from another version, world size, mix or data."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} cannot be read (this is {STATE_VERSION})")
-        if state["world_size"] != self.plan.world_size:
-            raise ValueError(f"loader state was saved with world size {state['world_size']}, this run has "
-                             f"{self.plan.world_size}: the batch order would differ, so it cannot resume exactly")
-        mine = self.plan.mix.order_fields()
-        changed = sorted(k for k in mine if mine[k] != state["mix"].get(k))
+        """Continue after the state's batches, on any number of ranks.
+
+        The same global batch (batch_size x world_size) continues the global sample stream exactly;
+        another one continues each task where it stopped (Schedule.resized). Refuses a state from
+        another mix (seed, tasks, weights, mix mode, shuffle window), other shards or an unknown version.
+        """
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"loader state version {version} cannot be read (this is {STATE_VERSION})")
+        mine, theirs = self.plan.mix.order_fields(), state["mix"]
+        changed = sorted(k for k in mine if k != "batch_size" and mine[k] != theirs.get(k))
         if changed:
             raise ValueError(f"loader state was saved with a different mix ({', '.join(changed)} changed)")
+        if version == 1:  # no offsets yet, and its data fingerprint hashed the mix fields too
+            v1 = hashlib.sha256(json.dumps([theirs, self.plan.task_fingerprints], sort_keys=True).encode()).hexdigest()
+            state = {**state, "data": self.plan.fingerprint if v1 == state["data"] else None, "start": 0,
+                     "global_batch": theirs["batch_size"] * state["world_size"], "origins": [0] * len(self.plan.tasks)}
         if state["data"] != self.plan.fingerprint:
             raise ValueError("loader state was saved over different shards (manifest sha256s differ)")
-        self.batches, self.skipped = int(state["batches"]), int(state["skipped"])
+        sched = self.plan.schedule
+        saved = Schedule(sched.task_sizes, sched.weights, global_batch=state["global_batch"], mode=sched.mode,
+                         start=state["start"], origins=state["origins"])
+        self.skipped = int(state["skipped"])
+        if saved.global_batch == sched.global_batch:
+            self.plan.schedule, self.batches = saved, int(state["batches"])
+            return
+        self.plan.schedule, self.batches = saved.resized(int(state["batches"]), sched.global_batch), 0
+        log.info("resuming with global batch %d (saved with %d): each task continues at draw %s",
+                 sched.global_batch, saved.global_batch, self.plan.schedule.next_draws(0))
 
 
 def build_loader(mix: MixConfig, *, rank: int = 0, world_size: int = 1, num_workers: int = 0, **kwargs) -> ShardLoader:

@@ -7,6 +7,8 @@ Two deterministic pieces:
   samples of each window of `shuffle_window` consecutive shards shuffled together.
 
 Nothing here reads data, so any batch can be located directly (resume reads nothing it skips).
+A resume under another global batch continues from a `start` sample or per-task draw `origins`
+(see Schedule.resized and docs/training.md).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ class WeightedRoundRobin:
             self._n += 1
         return self._last
 
+    def counts(self, n: int) -> np.ndarray:
+        """How many of steps [0, n) each task had."""
+        if n == 0:
+            return np.zeros(len(self.weights), dtype=np.int64)
+        self.at(n - 1)
+        return self._counts.copy()
+
 
 class TaskStream:
     """Draw number -> row of one task: epoch after epoch, each in its own seeded order."""
@@ -68,24 +77,55 @@ class TaskStream:
 
 
 class Schedule:
-    """Global batch b -> its slots as (task, draw); rank r takes slots [r*B, (r+1)*B)."""
+    """Global batch b -> its slots as (task, draw); rank r takes slots [r*B, (r+1)*B).
 
-    def __init__(self, task_sizes: list[int], weights: list[float] | None, *, global_batch: int, mode: str):
-        self.global_batch, self.mode = global_batch, mode
+    `start` (sample mode): the sample of the endless mixed stream that batch 0 begins at.
+    `origins` (batch mode): per task, the draw its batches begin at. Both are 0 for a fresh run and
+    set by `resized` when a run resumes under another global batch.
+    """
+
+    def __init__(self, task_sizes: list[int], weights: list[float] | None, *, global_batch: int, mode: str,
+                 start: int = 0, origins: list[int] | None = None):
+        self.task_sizes, self.weights, self.global_batch, self.mode = task_sizes, weights, global_batch, mode
         unit = global_batch if mode == "batch" else 1
         # batch mode drops each task's last partial global batch per epoch, as the reference does
         self.epoch_lens = [n - n % unit for n in task_sizes]
-        if weights is None:
-            weights = self.epoch_lens
-        self.rr = WeightedRoundRobin(weights)
+        self.rr = WeightedRoundRobin(self.epoch_lens if weights is None else weights)
         self.batches_per_epoch = sum(self.epoch_lens) // global_batch
+        self.start = start
+        self.origins = list(origins) if origins is not None else [0] * len(task_sizes)
 
     def slots(self, b: int) -> list[tuple[int, int]]:
-        G = self.global_batch
+        G, o = self.global_batch, self.origins
         if self.mode == "batch":
             task, count = self.rr.at(b)
-            return [(task, count * G + j) for j in range(G)]
-        return [self.rr.at(s) for s in range(b * G, (b + 1) * G)]
+            return [(task, o[task] + count * G + j) for j in range(G)]
+        return [(t, o[t] + c) for t, c in (self.rr.at(self.start + s) for s in range(b * G, (b + 1) * G))]
+
+    def next_draws(self, b: int) -> list[int]:
+        """Per task, the draw that comes next once batches [0, b) are done."""
+        if self.mode == "batch":
+            return [o + int(c) * self.global_batch for o, c in zip(self.origins, self.rr.counts(b))]
+        return [o + int(c) for o, c in zip(self.origins, self.rr.counts(self.start + b * self.global_batch))]
+
+    def resized(self, done: int, global_batch: int) -> "Schedule":
+        """The schedule that carries on after `done` batches of this one with another global batch.
+
+        Sample mode: the mixed sample stream does not depend on the global batch, so the new schedule
+        starts at the next sample of it, exactly. Batch mode: each task carries on at the same position
+        of the same epoch order; a position past the new epoch length (the new dropped tail, n mod G)
+        moves to the next epoch; which task each global batch comes from restarts its round robin.
+        """
+        if self.mode == "sample":
+            return Schedule(self.task_sizes, self.weights, global_batch=global_batch, mode=self.mode,
+                            start=self.start + done * self.global_batch, origins=self.origins)
+        new = Schedule(self.task_sizes, self.weights, global_batch=global_batch, mode=self.mode)
+        for t, draw in enumerate(self.next_draws(done)):
+            epoch, pos = divmod(draw, self.epoch_lens[t])
+            if pos >= new.epoch_lens[t]:
+                epoch, pos = epoch + 1, 0
+            new.origins[t] = epoch * new.epoch_lens[t] + pos
+        return new
 
     def epochs_started(self, b: int) -> list[tuple[int, int]]:
         """(task, epoch) pairs whose first draw falls in global batch b: a task running out and repeating."""
