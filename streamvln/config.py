@@ -8,6 +8,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, load_config
 
 SCHEDULERS = ("cosine", "cosine_with_min_lr")
+LOSS_NORMALIZATIONS = ("global_tokens", "micro_batch")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class TrainConfig:
     scheduler: str = "cosine_with_min_lr"
     min_lr: float = 1.85e-5  # cosine_with_min_lr only
     grad_accum: int = 2
+    # global_tokens: the mean over all labelled tokens of an optimizer step's global batch, the same however
+    # it is split over ranks and micro-batches (resumable on another world size); micro_batch: each
+    # micro-batch's mean, averaged over micro-batches and ranks (the reference's HF Trainer)
+    loss_normalization: str = "global_tokens"
     max_grad_norm: float = 1.0
     bf16: bool = True  # on GPUs; CPU runs are fp32
     gradient_checkpointing: bool = True
@@ -55,6 +60,8 @@ class TrainConfig:
             raise ConfigError("give exactly one of model_config (build from scratch) or checkpoint (load)")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ConfigError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}")
         parts = [p for p in self.mm_tunable_parts.split(",") if p]
         unknown = set(parts) - {"mm_vision_tower", "mm_mlp_adapter", "mm_language_model"}
         if unknown or not parts:

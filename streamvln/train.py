@@ -25,6 +25,7 @@ from .data import MixConfig, build_loader, load_mix  # noqa: E402
 from .data.collate import to_device  # noqa: E402
 from .evaluate import evaluate, format_report  # noqa: E402
 from .model.build import apply_lora, build_model, optimizer_groups, set_tunable_parts  # noqa: E402
+from .model.modeling import IGNORE_INDEX  # noqa: E402
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -61,7 +62,31 @@ def deepspeed_config(path: str | None, cfg: TrainConfig, mix: MixConfig, bf16: b
     ds.update(train_micro_batch_size_per_gpu=mix.batch_size, gradient_accumulation_steps=cfg.grad_accum,
               gradient_clipping=cfg.max_grad_norm, bf16={"enabled": bf16}, steps_per_print=10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW: no JIT-built optimizer op
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) in (1, 2):  # optimizer partitions saved per group: resumable on another world size
+        zero.setdefault("elastic_checkpoint", True)
     return ds
+
+
+def optimizer_steps(loader, grad_accum: int):
+    """One optimizer step's micro-batches at a time, with the seconds spent waiting for them; endless
+    (a finite loader starts its next epoch)."""
+    group, start = [], time.perf_counter()
+    while True:
+        for batch in loader:
+            group.append(batch)
+            if len(group) == grad_accum:
+                yield group, time.perf_counter() - start
+                group, start = [], time.perf_counter()
+
+
+def labelled_tokens(batches: list[dict], world_size: int, device) -> float:
+    """Labelled (trained-on) tokens of an optimizer step's global batch: all micro-batches of all ranks."""
+    n = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)  # position 0 is never a target
+    total = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(total)
+    return float(total.item())
 
 
 class Metrics:
@@ -83,7 +108,7 @@ class Metrics:
         self.wait = 0.0
         self.start = time.perf_counter()
 
-    def add(self, batch: dict, out: dict, wait: float):
+    def add(self, batch: dict, out: dict, wait: float = 0.0):
         for mix_id, loss, n in zip(batch["mix_ids"].tolist(), out["sample_loss_sum"].tolist(), out["sample_tokens"].tolist()):
             self.loss_sum[self.names[mix_id]] += loss
             self.loss_tokens[self.names[mix_id]] += n
@@ -150,41 +175,39 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
     result = {}
 
     # ------------------------------------------------------------ loop
-    micro, waited = 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
-    while step < total_steps:  # a finite loader ends each epoch; the endless one never does
-        for batch in loader:
-            wait = time.perf_counter() - waited
-            out = engine(**to_device(batch, device))  # step: forward, backward, optimizer (every grad_accum)
-            engine.backward(out["loss"])
+    steps = optimizer_steps(loader, cfg.grad_accum)
+    while step < total_steps:
+        batches, wait = next(steps)
+        # step: forward and backward per micro-batch, the optimizer at the last. global_tokens: each labelled
+        # token weighs 1 / (labelled tokens of the global batch), however the batch is split over ranks and
+        # micro-batches (DeepSpeed divides by world size x accumulation, so that factor is put back)
+        scale = world_size * cfg.grad_accum / max(1.0, labelled_tokens(batches, world_size, device))
+        for i, batch in enumerate(batches):
+            out = engine(**to_device(batch, device))
+            engine.backward(out["loss_sum"] * scale if cfg.loss_normalization == "global_tokens" else out["loss"])
             engine.step()
-            metrics.add(batch, out, wait)
-            micro += 1
-            if micro % cfg.grad_accum:
-                waited = time.perf_counter()
-                continue
-            step += 1
-            bar.update()
-            if step % cfg.log_every == 0 or step == total_steps:  # log
-                row = metrics.write(step, scheduler.get_last_lr()[0], world_size, {"skipped_samples": loader.skipped})
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
-                if rank == 0:
-                    bar.write(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                              f"{row['samples_per_s']:.1f} samples/s data wait {row['data_wait_share']:.0%}")
-            if step % cfg.save_every == 0 or step == total_steps:  # save
-                checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict(),
-                                                         "config": {"train": asdict(cfg), "mix": asdict(mix)}},
-                                cfg.keep_checkpoints)
-            if eval_mix and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):  # eval
-                result = evaluate(engine.module, build_loader(eval_mix, rank=rank, world_size=world_size), names,
-                                  cfg.eval_batches, device)
-                metrics.write(step, scheduler.get_last_lr()[0], world_size, {"eval": result})
-                if rank == 0:
-                    bar.write(format_report(result))
-            if step >= total_steps:
-                break
-            waited = time.perf_counter()
-
+            metrics.add(batch, out, wait if i == 0 else 0.0)
+        step += 1
+        bar.update()
+        if step % cfg.log_every == 0 or step == total_steps:  # log
+            row = metrics.write(step, scheduler.get_last_lr()[0], world_size, {"skipped_samples": loader.skipped})
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
+            if rank == 0:
+                bar.write(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                          f"{row['samples_per_s']:.1f} samples/s data wait {row['data_wait_share']:.0%}")
+        if step % cfg.save_every == 0 or step == total_steps:  # save
+            checkpoint.save(engine, ckpt_dir, step, {"step": step, "world_size": world_size,
+                                                     "loader": loader.state_dict(),
+                                                     "config": {"train": asdict(cfg), "mix": asdict(mix)}},
+                            cfg.keep_checkpoints)
+        if eval_mix and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):  # eval
+            result = evaluate(engine.module, build_loader(eval_mix, rank=rank, world_size=world_size), names,
+                              cfg.eval_batches, device)
+            metrics.write(step, scheduler.get_last_lr()[0], world_size, {"eval": result})
+            if rank == 0:
+                bar.write(format_report(result))
+    steps.close()  # stops the loader's workers
     bar.close()
 
     # ------------------------------------------------------------ export
@@ -207,10 +230,15 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
               help="DeepSpeed JSON (configs/deepspeed/zero2.json or zero3.json) [ZeRO stage from the train config].")
 @click.option("--resume", is_flag=True, help="Continue exactly from the newest checkpoint in the run folder.")
 @click.option("--max-steps", type=int, help="Override max_steps.")
-def main(mix_path, config_path, output_dir, ds_config, resume, max_steps):
-    """Train a StreamVLN model on shards; `torchrun -m streamvln.train` for several processes."""
+@click.option("--batch-size", type=int, help="Override the mix's per-rank batch_size (e.g. to keep the global batch "
+                                             "when resuming on fewer ranks).")
+@click.option("--grad-accum", type=int, help="Override grad_accum.")
+def main(mix_path, config_path, output_dir, ds_config, resume, max_steps, batch_size, grad_accum):
+    """Train a StreamVLN model on shards; `torchrun -m streamvln.train` for several processes. --resume works
+    on another number of ranks too (docs/training.md: elastic resume)."""
     try:
-        cfg, mix = load_train_config(config_path, max_steps=max_steps), load_mix(mix_path)
+        cfg = load_train_config(config_path, max_steps=max_steps, grad_accum=grad_accum)
+        mix = load_mix(mix_path, batch_size=batch_size)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     train(cfg, mix, Path(output_dir), ds_config, resume)

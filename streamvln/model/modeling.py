@@ -157,5 +157,5 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
         sample_of_token = torch.nonzero(labelled)[:, 0]
         per_sample = torch.zeros(len(labels), device=hidden.device).index_add(0, sample_of_token, token_loss.detach())
         counts = torch.bincount(sample_of_token, minlength=len(labels))
-        return {"loss": token_loss.mean(), "sample_loss_sum": per_sample, "sample_tokens": counts,
+        return {"loss": token_loss.mean(), "loss_sum": token_loss.sum(), "sample_loss_sum": per_sample, "sample_tokens": counts,
                 "predictions": predictions, "targets": targets[labelled], "sample_of_token": sample_of_token}
