@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import episode, write_source
@@ -89,25 +90,76 @@ def test_train_resume_exactly_export_and_eval(run_files, tmp_path):
     assert "majority baseline" in ev.stdout
 
 
+def weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_close_losses(got, want, steps):
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), step
+
+
+def assert_close_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
 @pytest.mark.slow
-def test_two_process_torchrun_then_single_process_resume_is_refused(run_files, tmp_path):
-    out = tmp_path / "dist"
-    torchrun = Path(sys.executable).parent / "torchrun"
+def test_elastic_resume_two_ranks_to_one_and_one_to_two(run_files, tmp_path):
+    """2 ranks x 2 and 1 rank x 4 are the same global batch: the same losses (the loss is normalised by the
+    global batch's labelled tokens), and each resumes on the other's world size with the next losses and
+    the final weights (Adam moments moved across world sizes) of the uninterrupted run."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29631"]
     cfg = yaml.safe_load((run_files / "train.yaml").read_text())
-    cfg.update(max_steps=3, save_every=3, eval_shards=None, num_workers=0)
+    cfg.update(max_steps=4, save_every=2, eval_shards=None, num_workers=0, tokenizer=None)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29631",
-                             str(ROOT / "tests" / "dist_check.py"), str(run_files / "mix.yaml"),
-                             str(tmp_path / "train.yaml"), str(out)], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    mix, train = str(run_files / "mix.yaml"), str(tmp_path / "train.yaml")
+    args = ["--shards", mix, "--config", train]
+
+    two = tmp_path / "two"  # 2 ranks x batch 2 x accumulation 2, with the cross-rank checks of dist_check.py
+    result = subprocess.run([*torchrun, str(ROOT / "tests" / "dist_check.py"), mix, train, str(two)],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "DIST-CHECK-OK" in result.stdout
-    assert (out / "checkpoints" / "step-00000003").is_dir()
-    _, rows = losses(out)  # metrics are summed over the ranks: 2 ranks x batch 2 x accumulation 2
-    assert [r["samples"] for r in rows] == [8, 8, 8]
-    refused = run("-m", "streamvln.train", "--shards", str(run_files / "mix.yaml"), "--config",
-                  str(tmp_path / "train.yaml"), "--output-dir", str(out), "--resume", check=False)
-    assert refused.returncode != 0
-    assert "world size 2, this run has 1" in refused.stderr
+    two_losses, rows = losses(two)  # metrics are summed over the ranks
+    assert [r["samples"] for r in rows] == [8, 8, 8, 8]
+    one = tmp_path / "one"
+    run("-m", "streamvln.train", *args, "--batch-size", "4", "--output-dir", str(one))
+    one_losses, _ = losses(one)
+    assert_close_losses(one_losses, two_losses, [1, 2, 3, 4])
+    assert_close_weights(weights(one), weights(two))
+    for source, target, ranks in ((two, tmp_path / "two_to_one", 1), (one, tmp_path / "one_to_two", 2)):
+        (target / "checkpoints").mkdir(parents=True)
+        shutil.copytree(source / "checkpoints" / "step-00000002", target / "checkpoints" / "step-00000002")
+        if ranks == 1:
+            run("-m", "streamvln.train", *args, "--batch-size", "4", "--output-dir", str(target), "--resume")
+        else:
+            result = subprocess.run([*torchrun, "-m", "streamvln.train", *args, "--output-dir", str(target),
+                                     "--resume"], capture_output=True, text=True, env=ENV, cwd=ROOT)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        resumed, _ = losses(target)
+        assert sorted(resumed) == [3, 4]
+        assert_close_losses(resumed, two_losses, [3, 4])
+        assert_close_weights(weights(target), weights(source))
+
+
+@pytest.mark.slow
+def test_resume_that_cannot_be_done_is_refused_with_the_reason(run_files, tmp_path):
+    cfg = yaml.safe_load((run_files / "train.yaml").read_text())
+    cfg.update(max_steps=2, save_every=2, eval_shards=None, num_workers=0, tokenizer=None)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["-m", "streamvln.train", "--shards", str(run_files / "mix.yaml"), "--config", str(tmp_path / "train.yaml"),
+            "--output-dir", str(tmp_path / "run")]
+    run(*args)
+    other_mix = yaml.safe_load((run_files / "mix.yaml").read_text())
+    other_mix["seed"] = 5
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(other_mix))
+    refused = run(*args[:2], "--shards", str(tmp_path / "mix.yaml"), *args[4:], "--resume", "--max-steps", "3",
+                  check=False)
+    assert refused.returncode != 0 and "different mix (seed changed)" in refused.stderr
 
 
 @pytest.mark.slow
