@@ -93,6 +93,8 @@ def run_options(f):
 @click.option("--num-history", type=int, help="H, history frames [8].")
 @click.option("--remove-init-turns/--keep-init-turns", default=None, help="Drop leading turn-only steps [keep].")
 @click.option("--history-mode", type=click.Choice(["exact", "reference"]), help="[exact]")
+@click.option("--frame-storage", type=click.Choice(["episode", "sample"]),
+              help="episode: each frame once per episode, referenced by byte range; sample: copies per sample [episode].")
 def nav(sources, tokenizer_path, out, config_path, workers, part, num_parts, overwrite, quiet, **options):
     """Write navigation shards from StreamVLN trajectory folders (resumes an interrupted run)."""
     from .nav import run_nav

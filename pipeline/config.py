@@ -94,6 +94,9 @@ class NavShardConfig:
     history_mode: str = "exact"  # "exact" (at most H frames) or "reference" (its arange)
     image_size: int = 384
     jpeg_quality: int = 95
+    # episode: each used frame stored once per episode, samples reference it by byte range (2-3x smaller);
+    # sample: every sample carries its own copies (self-contained WebDataset samples, as schema 2)
+    frame_storage: str = "episode"
     samples_per_shard: int = 256  # target; a shard holds whole episodes, so it can exceed this
     max_tokens: int = 32768  # longer samples are rejected (the reference would truncate them)
     seed: int = 0
@@ -104,6 +107,8 @@ class NavShardConfig:
                         "max_tokens")
         if self.history_mode not in ("exact", "reference"):
             raise ConfigError(f"history_mode must be 'exact' or 'reference', got {self.history_mode!r}")
+        if self.frame_storage not in ("episode", "sample"):
+            raise ConfigError(f"frame_storage must be 'episode' or 'sample', got {self.frame_storage!r}")
         _check_output(self)
 
 

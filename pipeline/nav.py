@@ -16,7 +16,7 @@ from .frames import Chunk, plan_chunks, skip_reason
 from .images import FrameError, resize_frame
 from .qwen_tokenizer import load_tokenizer, tokenizer_info
 from .reader import AnnotationError, Episode, Reject, list_frames, read_source
-from .runner import Sample, group_units, planning_section, run_shards
+from .runner import FrameRecord, Sample, group_units, planning_section, run_shards
 from .shard_writer import SCHEMA_VERSION, sha256_file
 from .tokens import IGNORE_INDEX, TokenIds, tokenize_dialogue
 
@@ -76,6 +76,11 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
             encoded[i] = resize_frame(os.path.join(episode.frame_dir, files[i]), cfg.image_size, cfg.jpeg_quality)
         except FrameError as e:
             return [], [reject(f"corrupt frame: {e}")]
+    record = None
+    if cfg.frame_storage == "episode":  # written once before the episode's samples, which point into it
+        record = FrameRecord(f"{_safe(episode.source)}-{_safe(episode.episode_id)}-frames",
+                             [f"{i:05d}.jpg" for i in needed], [encoded[i] for i in needed])
+    position = {i: n for n, i in enumerate(needed)}
     samples = []
     for key, k, instruction, chunk, input_ids, labels in kept:
         frame_ids = chunk.history_frames + chunk.current_frames
@@ -89,7 +94,10 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
         }
         row = {"source": episode.source, "episode": episode.episode_id, "instruction": k, "start": chunk.start,
                **{f: meta[f] for f in ("n_frames", "n_history", "n_tokens", "n_labels")}}
-        samples.append(Sample(key, meta, input_ids, labels, [encoded[i] for i in frame_ids], row))
+        if record is None:
+            samples.append(Sample(key, meta, input_ids, labels, [encoded[i] for i in frame_ids], row))
+        else:
+            samples.append(Sample(key, meta, input_ids, labels, [], row, record, [position[i] for i in frame_ids]))
     return samples, rejects
 
 

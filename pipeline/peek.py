@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from .shard_writer import read_sample_bytes, sha256_file
+from .shard_writer import READABLE_SCHEMAS, read_sample_bytes, referenced_frames, sha256_file
 from .task_dir import load_manifest
 from .tokens import IGNORE_INDEX, IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
 
@@ -40,6 +40,7 @@ def summary(task: Path) -> str:
             f"{sum(s['bytes'] for s in info['shards']) / 1e6:.1f} MB",
             f"{unit}: {c['episodes_in']} in = {c['episodes_written']} written + {c['episodes_rejected']} rejected; "
             f"samples rejected: {c['samples_rejected']}",
+            _frames_line(info["shards"], sum(index["n_frames"][i] for i in rows)),
             f"options: {json.dumps(info['options'], sort_keys=True)}",
             "per source:",
         ]
@@ -53,6 +54,13 @@ def summary(task: Path) -> str:
         lines.append("rejects by reason:" if info["rejects_by_reason"] else "rejects: none")
         lines += [f"  {n:6d}  {reason}" for reason, n in info["rejects_by_reason"].items()]
     return "\n".join(lines)
+
+
+def _frames_line(shards: list[dict], used: int) -> str:
+    stored = sum(s.get("frames", 0) for s in shards)
+    if not stored:
+        return f"frames: {used} used by the samples (stored count not recorded: schema 2)"
+    return f"frames: {stored} JPEGs stored for {used} used by the samples ({used / stored:.2f} uses each)"
 
 
 def find_sample(task: Path, key: str) -> tuple[dict, dict[str, bytes]]:
@@ -125,9 +133,9 @@ def show_sample(task: Path, key: str, tok, sheet_path: Path | None, color: bool 
     meta = json.loads(members["json"])
     input_ids = np.load(io.BytesIO(members["input_ids.npy"]), allow_pickle=False)
     labels = np.load(io.BytesIO(members["labels.npy"]), allow_pickle=False)
-    frames = [members[k] for k in sorted(k for k in members if k.endswith(".jpg"))]
+    frames = referenced_frames(task / row["shard"], meta, members)
     lines = [f"{key}  ({row['shard']} @ {row['offset']}, {row['size']} bytes)"]
-    lines += [f"  {k}: {v}" for k, v in meta.items() if k not in ("key", "turns")]
+    lines += [f"  {k}: {v}" for k, v in meta.items() if k not in ("key", "turns", "frame_ranges")]
     if "turns" in meta:
         lines.append(f"\n--- {len(meta['turns']) // 2} exchanges ---")
         lines += [f"  {who:5s} {_short(text)!r}" for who, text in meta["turns"]]
@@ -143,8 +151,12 @@ def show_sample(task: Path, key: str, tok, sheet_path: Path | None, color: bool 
 
 
 def verify(task: Path) -> list[str]:
-    """Re-read every shard: sha256, sample count, every member parses, index offsets match. [] = all good."""
+    """Re-read every shard: sha256, sample count, every member parses, index offsets match, every frame a
+    sample references is a JPEG member of its shard and every stored frame is used. [] = all good."""
     manifest = load_manifest(task)
+    if manifest.get("schema_version") not in READABLE_SCHEMAS:
+        return [f"{task}: schema version {manifest.get('schema_version')} cannot be read (this version reads "
+                f"{', '.join(map(str, READABLE_SCHEMAS))}): write the shards again"]
     index = pq.read_table(task / "index.parquet").to_pylist()
     by_shard: dict[str, list[dict]] = {}
     for row in index:
@@ -163,21 +175,34 @@ def verify(task: Path) -> list[str]:
 
 
 def _verify_members(path: Path, expected: int, rows: list[dict]) -> list[str]:
-    problems, keys = [], set()
+    problems, exts = [], {}  # key -> its members' extensions: a sample has a json, a frame record only JPEGs
     offsets = {row["key"]: row for row in rows}
+    jpegs, referenced = {}, set()  # (data offset, size) -> member name; ranges samples point at
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
-                keys.add(key)
+                exts.setdefault(key, set()).add(ext)
                 if key in offsets and ext == "json" and info.offset != offsets[key]["offset"]:
                     problems.append(f"{path}: {key} index offset {offsets[key]['offset']} != {info.offset}")
                 data = tar.extractfile(info).read() if info.isfile() else None
                 problems += [f"{path}: {info.name}: {p}" for p in _check_member(ext, data)]
+                if ext.endswith(".jpg"):
+                    jpegs[(info.offset_data, info.size)] = info.name
+                if ext == "json" and data is not None:
+                    try:
+                        referenced.update(tuple(r) for r in json.loads(data).get("frame_ranges", []))
+                    except (ValueError, AttributeError, TypeError):
+                        pass  # reported by _check_member
     except (tarfile.TarError, OSError) as e:
         return [f"{path}: unreadable tar: {e}"]
-    if len(keys) != expected or len(rows) != expected:
-        problems.append(f"{path}: {len(keys)} samples in tar, {len(rows)} in index, {expected} in manifest")
+    samples = {k for k, e in exts.items() if "json" in e}
+    frame_records = {k for k, e in exts.items() if all(x.endswith(".jpg") for x in e)} - samples
+    if len(samples) != expected or len(rows) != expected:
+        problems.append(f"{path}: {len(samples)} samples in tar, {len(rows)} in index, {expected} in manifest")
+    problems += [f"{path}: a sample references bytes {r} that are no JPEG member" for r in sorted(referenced - set(jpegs))]
+    stored = {r for r, name in jpegs.items() if name.partition(".")[0] in frame_records}
+    problems += [f"{path}: {jpegs[r]} is stored but no sample references it" for r in sorted(stored - referenced)]
     return problems
 
 

@@ -21,17 +21,30 @@ INDEX_FIELDS = tuple(n for n in task_dir.INDEX_SCHEMA.names if n not in ("key", 
 
 
 @dataclass
+class FrameRecord:
+    """JPEGs stored once for a unit (an episode) and referenced by its samples: `<key>.<name>` members."""
+
+    key: str
+    names: list[str]  # member extensions, e.g. "00012.jpg" for source frame 12
+    frames: list[bytes]
+
+
+@dataclass
 class Sample:
     key: str
     meta: dict
     input_ids: np.ndarray
     labels: np.ndarray
-    frames: list[bytes]
+    frames: list[bytes]  # stored in the sample as fNNN.jpg (when frame_record is None)
     row: dict  # the index.parquet columns of INDEX_FIELDS
+    frame_record: FrameRecord | None = None
+    frame_refs: list[int] | None = None  # positions in frame_record, in the sample's frame order
 
-    def members(self) -> list[tuple[str, bytes]]:
+    def members(self, frame_ranges: list[tuple[int, int]] | None = None) -> list[tuple[str, bytes]]:
+        """json (+ frame_ranges: where in the shard its referenced frames are), tokens, own frames."""
+        meta = self.meta if frame_ranges is None else {**self.meta, "frame_ranges": [list(r) for r in frame_ranges]}
         frames = [(f"f{i:03d}.jpg", jpg) for i, jpg in enumerate(self.frames)]
-        return [("json", json_bytes(self.meta)), ("input_ids.npy", npy_bytes(self.input_ids)),
+        return [("json", json_bytes(meta)), ("input_ids.npy", npy_bytes(self.input_ids)),
                 ("labels.npy", npy_bytes(self.labels)), *frames]
 
 
@@ -69,8 +82,14 @@ def write_shard(out: Path, split: str, shard_id: int, units: list, build: BuildF
             bad_samples = sum(r.level == "sample" for r in bad)
             counts.update({outcome: 1, "samples_written": len(samples), "samples_rejected": bad_samples})
             per_source.setdefault(unit.source, Counter()).update({outcome: 1, "samples_written": len(samples)})
+            stored = {}  # frame record key -> its frames' byte ranges, written before its first sample
             for sample in samples:
-                offset, size = writer.write(sample.key, sample.members())
+                ranges, record = None, sample.frame_record
+                if record is not None:
+                    if record.key not in stored:
+                        stored[record.key] = writer.write_frames(record.key, list(zip(record.names, record.frames)))
+                    ranges = [stored[record.key][i] for i in sample.frame_refs]
+                offset, size = writer.write(sample.key, sample.members(ranges))
                 index.append({"key": sample.key, "offset": offset, "size": size,
                               **{f: sample.row[f] for f in INDEX_FIELDS}})
     except BaseException:

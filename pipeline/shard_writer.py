@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: navigation frames stored once per episode, referenced by byte range (docs/shards.md)
+READABLE_SCHEMAS = (2, 3)  # 2: every sample carries its own frames; 1: before the co-training fidelity fixes
+MAX_FRAME_BYTES = 64 << 20  # a frame reference larger than this is corrupt, not read
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -51,7 +53,21 @@ class ShardWriter:
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self._file = open(self.tmp_path, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
-        self.samples = 0
+        self.samples = self.frames = 0
+
+    def _add(self, key: str, members: list[tuple[str, bytes]]) -> tuple[int, int, list[tuple[int, int]]]:
+        if "." in key or "/" in key:
+            raise ValueError(f"record key {key!r} must not contain '.' or '/' (WebDataset splits on them)")
+        offset, data_ranges = self._tar.offset, []
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+            data_ranges.append((self._tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, len(data)))
+        self.frames += sum(ext.endswith(".jpg") for ext, _ in members)
+        return offset, self._tar.offset - offset, data_ranges
 
     def write(self, key: str, members: list[tuple[str, bytes]]) -> tuple[int, int]:
         """Add one sample's members as `<key>.<ext>`; returns (byte offset, byte size) of the sample.
@@ -59,17 +75,13 @@ class ShardWriter:
         The range covers the members' headers and padded data, so reading exactly those bytes and
         parsing them as a tar yields the sample without touching the rest of the shard.
         """
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits on them)")
-        offset = self._tar.offset
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        offset, size, _ = self._add(key, members)
         self.samples += 1
-        return offset, self._tar.offset - offset
+        return offset, size
+
+    def write_frames(self, key: str, frames: list[tuple[str, bytes]]) -> list[tuple[int, int]]:
+        """Add a record of JPEGs that samples reference (not a sample): each frame's (data offset, size)."""
+        return self._add(key, frames)[2]
 
     def close(self) -> dict:
         """Finish the tar, make it durable, rename it into place; returns its sha256 and size."""
@@ -80,11 +92,23 @@ class ShardWriter:
         digest = sha256_file(self.tmp_path)
         size = self.tmp_path.stat().st_size
         os.replace(self.tmp_path, self.path)
-        return {"sha256": digest, "bytes": size, "samples": self.samples}
+        return {"sha256": digest, "bytes": size, "samples": self.samples, "frames": self.frames}
 
     def abort(self) -> None:
         self._file.close()
         self.tmp_path.unlink(missing_ok=True)
+
+
+def referenced_frames(tar_path: str | Path, meta: dict, members: dict[str, bytes]) -> list[bytes]:
+    """A sample's frames in order: its own `fNNN.jpg` members, or the byte ranges its meta references."""
+    if "frame_ranges" not in meta:
+        return [members[k] for k in sorted(k for k in members if k.endswith(".jpg"))]
+    with open(tar_path, "rb") as f:
+        frames = []
+        for offset, size in meta["frame_ranges"]:
+            f.seek(offset)
+            frames.append(f.read(size))
+    return frames
 
 
 def read_sample_bytes(tar_path: str | Path, offset: int, size: int) -> dict[str, bytes]:

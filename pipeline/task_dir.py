@@ -111,7 +111,7 @@ def finalize(out: Path) -> dict:
             "counts": dict(counts),
             "per_source": {k: dict(v) for k, v in sorted(per_source.items())},
             "rejects_by_reason": dict(sorted(reasons.items())),
-            "shards": [{k: s[k] for k in ("shard", "sha256", "bytes", "samples")} for s in stats],
+            "shards": [{k: s[k] for k in ("shard", "sha256", "bytes", "samples", "frames")} for s in stats],
         }
     if splits:
         table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)

@@ -283,9 +283,53 @@ def rewrite_sample(task_dir, key, change):
 
 @pytest.fixture
 def own_shards(tmp_path, tokenizer_dir):
+    """Self-contained samples (frame_storage: sample), so rewriting one sample moves nothing it points at."""
     src = write_source(tmp_path / "data", "A", [episode(i, 12) for i in range(6)])
-    run_nav([src], tmp_path / "shards", NavShardConfig(image_size=32, samples_per_shard=2), tokenizer_dir, progress=False)
+    run_nav([src], tmp_path / "shards", NavShardConfig(image_size=32, samples_per_shard=2, frame_storage="sample"),
+            tokenizer_dir, progress=False)
     return tmp_path / "shards" / "nav"
+
+
+@pytest.fixture
+def episode_shards(tmp_path, tokenizer_dir):
+    src = write_source(tmp_path / "data", "A", [episode(i, 40) for i in range(3)])
+    run_nav([src], tmp_path / "shards", NavShardConfig(image_size=32, samples_per_shard=2), tokenizer_dir,
+            progress=False)
+    return tmp_path / "shards" / "nav"
+
+
+def patch_in_place(task_dir, member_name, change):
+    """Replace a member's bytes without moving anything: the result is padded (json: with spaces) to its size."""
+    shard = next(task_dir.glob("*.tar"))
+    for path in sorted(task_dir.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            if member_name in tar.getnames():
+                shard, info = path, tar.getmember(member_name)
+                old = tar.extractfile(info).read()
+                break
+    new = change(old)
+    assert len(new) <= len(old)
+    with open(shard, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(new + b" " * (len(old) - len(new)))
+
+
+def test_frames_referenced_from_the_episode_record_are_checked(episode_shards):
+    mix = MixConfig(tasks=[TaskMix("a", [str(episode_shards)])], image_size=32, batch_size=1, finite=True)
+    assert len(list(build_loader(mix))) > 3  # intact: every sample reads
+    key = "A-1-i0-s0000"
+    patch_in_place(episode_shards, f"{key}.json", lambda old: json.dumps(
+        {**json.loads(old), "frame_ranges": [[-5, 10]] * json.loads(old)["n_frames"]}, separators=(",", ":")).encode())
+    with pytest.raises(CorruptSample, match=f"sample {key} has invalid frame_ranges"):
+        list(build_loader(mix))
+    # a frame of episode 2's record broken in place: both its samples use it (as current or history frame)
+    patch_in_place(episode_shards, "A-2-frames.00004.jpg", lambda old: b"\xff\xd8 broken")
+    mix2 = MixConfig(tasks=[TaskMix("a", [str(episode_shards)], sources=["A"])], image_size=32, batch_size=1,
+                     finite=True, skip_corrupt=True)
+    loader = build_loader(mix2)
+    keys = [k for b in loader for k in b["keys"]]
+    assert not {key, "A-2-i0-s0000", "A-2-i0-s0032"} & set(keys) and {"A-0-i0-s0000", "A-1-i0-s0032"} <= set(keys)
+    assert loader.skipped >= 3
 
 
 def test_pickle_members_are_never_loaded(own_shards):

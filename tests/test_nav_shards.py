@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.config import NavShardConfig
 from pipeline.frames import plan_chunks
 from pipeline.nav import run_nav
-from pipeline.shard_writer import read_sample_bytes
+from pipeline.shard_writer import read_sample_bytes, referenced_frames
 from pipeline.task_dir import PlanMismatch
 
 
@@ -47,15 +49,26 @@ def test_writes_readable_shards_with_index_and_manifest(tiny_sources, small_cfg,
     assert manifest["options"]["image_size"] == 32 and manifest["tokenizer"]["fingerprint"]
     assert manifest["tokenizer"]["pad_token_id"] == 151643 and manifest["tokenizer"]["vocab_size"] == 151648
 
-    # a plain webdataset reader sees every sample with all its members
+    # a plain webdataset reader sees every sample, and per episode one record of its frames, stored once
     urls = [str(task / s["shard"]) for s in manifest["shards"]]
-    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb"))
-    assert len(samples) == total
+    records = list(wds.WebDataset(urls, shardshuffle=False).decode())  # JPEGs stay bytes
+    samples = [r for r in records if "json" in r]
+    frame_records = {r["__key__"]: r for r in records if "json" not in r}
+    assert len(samples) == total and sorted(frame_records) == sorted(
+        f"{src.name}-{ep['id']}-frames" for src in tiny_sources for ep in json.loads((src / "annotations.json").read_text()))
+    stored = {key: sorted(k for k in r if k.endswith(".jpg")) for key, r in frame_records.items()}
+    assert sum(map(len, stored.values())) == sum(s["frames"] for s in manifest["shards"])
     for s in samples:
         meta = s["json"]
-        frames = [s[k] for k in sorted(k for k in s if k.endswith(".jpg"))]
-        assert len(frames) == meta["n_frames"] == len(meta["history_frames"]) + len(meta["current_frames"])
-        assert all(f.shape == (32, 32, 3) for f in frames)
+        assert not any(k.endswith(".jpg") for k in s)  # frames are referenced, not copied
+        used = meta["history_frames"] + meta["current_frames"]
+        episode_frames = stored[f"{meta['source']}-{meta['episode_id']}-frames"]
+        assert {f"{i:05d}.jpg" for i in used} <= set(episode_frames)
+        frames = referenced_frames(task / s["__url__"].rsplit("/", 1)[1], meta, {})
+        assert len(frames) == meta["n_frames"] == len(used) == len(meta["frame_ranges"])
+        assert all(np.asarray(Image.open(io.BytesIO(f))).shape == (32, 32, 3) for f in frames)
+        record = frame_records[f"{meta['source']}-{meta['episode_id']}-frames"]
+        assert frames == [record[f"{i:05d}.jpg"] for i in used]  # exactly the bytes of the episode's frames
         ids, labels = s["input_ids.npy"], s["labels.npy"]
         assert ids.dtype == np.int32 and labels.shape == ids.shape == (meta["n_tokens"],)
         assert (ids == -200).sum() == len(meta["current_frames"])  # one <image> per current frame
@@ -83,8 +96,9 @@ def test_frames_are_the_indexed_source_frames(tiny_sources, small_cfg, tokenizer
     members = read_sample_bytes(task / row["shard"], row["offset"], row["size"])
     meta = json.loads(members["json"])
     assert meta["history_frames"] == [0, 8, 16, 24, 32, 40, 48, 56] and meta["current_frames"][0] == 64
+    frames = referenced_frames(task / row["shard"], meta, members)
     for n, index in enumerate(meta["history_frames"] + meta["current_frames"]):
-        pixel = np.asarray(Image.open(io.BytesIO(members[f"f{n:03d}.jpg"])))[16, 16].astype(int)
+        pixel = np.asarray(Image.open(io.BytesIO(frames[n])))[16, 16].astype(int)
         want = np.array([(index * 37) % 256, (index * 91) % 256, (index * 53) % 256])
         assert np.abs(pixel - want).max() <= 6, (n, index)
 
@@ -180,3 +194,45 @@ def test_train_and_val_splits_share_a_task_folder(tiny_sources, small_cfg, token
     assert {r["split"] for r in index} == {"train", "val"}
     assert all(r["shard"].startswith(r["split"] + "-") for r in index)
     assert {r["source"] for r in index if r["split"] == "val"} == {"RxR"}
+
+
+def test_frames_once_per_episode_give_the_same_batches_as_copies_per_sample(tiny_sources, tokenizer_dir, tmp_path):
+    """frame_storage episode (schema 3) vs sample (every sample its own copies, as schema 2): the loader
+    yields identical batches; the episode layout stores each used frame once and is smaller."""
+    from streamvln.data import MixConfig, TaskMix, build_loader
+    from streamvln.data.shards import load_task
+
+    sizes, batches = {}, {}
+    for storage in ("episode", "sample"):
+        cfg = NavShardConfig(image_size=32, samples_per_shard=4, frame_storage=storage)
+        run_nav(tiny_sources, tmp_path / storage, cfg, tokenizer_dir, progress=False)
+        manifest = json.loads((tmp_path / storage / "nav" / "manifest.json").read_text())
+        sizes[storage] = (sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]),
+                          sum(s["frames"] for s in manifest["splits"]["train"]["shards"]))
+        mix = MixConfig(tasks=[TaskMix("nav", [str(tmp_path / storage / "nav")])], image_size=32, batch_size=3,
+                        finite=True)
+        batches[storage] = list(build_loader(mix))
+    index = pq.read_table(tmp_path / "episode" / "nav" / "index.parquet").to_pylist()
+    used = sum(r["n_frames"] for r in index)
+    assert sizes["sample"][1] == used  # a copy per use
+    per_episode = {}
+    for row in index:
+        members = read_sample_bytes(tmp_path / "episode" / "nav" / row["shard"], row["offset"], row["size"])
+        meta = json.loads(members["json"])
+        per_episode.setdefault((row["source"], row["episode"]), set()).update(
+            meta["history_frames"] + meta["current_frames"])
+    assert sizes["episode"][1] == sum(map(len, per_episode.values())) < used  # each used frame once
+    assert sizes["episode"][0] < sizes["sample"][0]
+    assert len(batches["episode"]) == len(batches["sample"]) > 0
+    for a, b in zip(batches["episode"], batches["sample"]):
+        assert a["keys"] == b["keys"]
+        for k in ("input_ids", "labels", "images", "time_ids", "n_history"):
+            assert torch.equal(a[k], b[k]), k
+    # schema 2 folders (copies per sample) are read as they are; older ones are refused, saying why
+    manifest_path = tmp_path / "sample" / "nav" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "schema_version": 2}))
+    assert len(load_task("nav", [str(tmp_path / "sample" / "nav")], "train")) == len(index)
+    manifest_path.write_text(json.dumps({**manifest, "schema_version": 1}))
+    with pytest.raises(ValueError, match="schema version 1; this loader reads 2, 3: write them again"):
+        load_task("nav", [str(tmp_path / "sample" / "nav")], "train")

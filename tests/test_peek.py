@@ -66,6 +66,30 @@ def test_verify_passes_then_catches_a_flipped_byte_and_a_bad_member(task):
     assert any("missing" in p for p in verify(task))
 
 
+def test_verify_checks_frame_references_and_refuses_an_old_schema(task):
+    import json
+    import tarfile
+
+    assert "frames: " in summary(task) and "JPEGs stored for" in summary(task)
+    shard = sorted(task.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        info = next(m for m in tar if m.name.endswith(".json"))
+        old = tar.extractfile(info).read()
+    meta = json.loads(old)
+    # point a sample's first frame 512 bytes early (into a tar header), same json length
+    meta["frame_ranges"][0][0] -= 512
+    new = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+    assert len(new) <= len(old)
+    with open(shard, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(new + b" " * (len(old) - len(new)))
+    problems = verify(task)
+    assert any("references bytes" in p and "no JPEG member" in p for p in problems)
+    manifest = json.loads((task / "manifest.json").read_text())
+    (task / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
+    assert verify(task) == [f"{task}: schema version 1 cannot be read (this version reads 2, 3): write the shards again"]
+
+
 @pytest.fixture(scope="module")
 def cotrain_tasks(tmp_path_factory, tokenizer_dir):
     from pipeline.config import MMC4ShardConfig, VideoQAShardConfig

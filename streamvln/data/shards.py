@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.shard_writer import MAX_FRAME_BYTES, READABLE_SCHEMAS
 from pipeline.task_dir import load_manifest
 
 TASK_IDS = {"nav": 0, "videoqa": 1, "scanqa": 2, "mmc4": 3}  # the reference's task ids
@@ -59,6 +60,10 @@ def load_task(name: str, folders: list[str], split: str, sources: list[str] | No
     task = tokenizer = image_size = None
     for folder in folders:
         manifest = load_manifest(folder)
+        if manifest.get("schema_version") not in READABLE_SCHEMAS:
+            raise ValueError(f"{folder} holds shards of schema version {manifest.get('schema_version')}; this loader "
+                             f"reads {', '.join(map(str, READABLE_SCHEMAS))}: write them again with this "
+                             "streamvln-shards (--overwrite)")
         if split not in manifest["splits"]:
             raise ValueError(f"{folder} has no complete {split!r} split (it has {sorted(manifest['splits'])})")
         info = manifest["splits"][split]
@@ -101,30 +106,65 @@ class SampleReader:
     """Reads samples by (path, offset, size) with a few open files kept per process."""
 
     def __init__(self, max_open: int = 16):
-        self._files: OrderedDict[str, int] = OrderedDict()
+        self._files: OrderedDict[str, tuple[int, int]] = OrderedDict()  # path -> (fd, file size)
         self._max_open = max_open
 
-    def _fd(self, path: str) -> int:
+    def _fd(self, path: str) -> tuple[int, int]:
         if path in self._files:
             self._files.move_to_end(path)
             return self._files[path]
         if len(self._files) >= self._max_open:
-            os.close(self._files.popitem(last=False)[1])
-        self._files[path] = fd = os.open(path, os.O_RDONLY)
-        return fd
+            os.close(self._files.popitem(last=False)[1][0])
+        fd = os.open(path, os.O_RDONLY)
+        self._files[path] = fd, os.fstat(fd).st_size
+        return self._files[path]
 
     def read(self, path: str, offset: int, size: int, key: str) -> dict:
         """{"meta", "input_ids", "labels", "frames": [jpeg bytes]}; CorruptSample for anything unexpected."""
         try:
-            blob = os.pread(self._fd(path), size, offset)
+            blob = os.pread(self._fd(path)[0], size, offset)
         except OSError as e:
             raise CorruptSample(f"{path}: cannot read sample {key}: {e}") from None
         if len(blob) != size:
             raise CorruptSample(f"{path}: sample {key} is cut short ({len(blob)} of {size} bytes)")
-        return parse_members(blob, path, key)
+        sample = parse_members(blob, path, key)
+        if "frame_ranges" in sample["meta"]:
+            sample["frames"] = self._referenced_frames(path, key, sample["meta"])
+        return sample
+
+    def _referenced_frames(self, path: str, key: str, meta: dict) -> list[bytes]:
+        """The JPEGs a sample references by (offset, size) in its shard: nearby ranges in one read each."""
+        fd, file_size = self._fd(path)
+        ranges = meta["frame_ranges"]
+        valid = isinstance(ranges, list) and len(ranges) == meta.get("n_frames") and all(
+            isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) and r[0] >= 0 and
+            0 < r[1] <= MAX_FRAME_BYTES and r[0] + r[1] <= file_size for r in ranges)
+        if not valid:
+            raise CorruptSample(f"{path}: sample {key} has invalid frame_ranges (n_frames {meta.get('n_frames')}, "
+                                f"shard of {file_size} bytes)")
+        order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+        frames: list[bytes] = [b""] * len(ranges)
+        i = 0
+        while i < len(order):  # a run of ranges at most a tar header apart: one pread
+            j, start = i, ranges[order[i]][0]
+            end = start + ranges[order[i]][1]
+            while j + 1 < len(order) and ranges[order[j + 1]][0] - end <= 2 * tarfile.BLOCKSIZE:
+                j += 1
+                end = max(end, ranges[order[j]][0] + ranges[order[j]][1])
+            try:
+                blob = os.pread(fd, end - start, start)
+            except OSError as e:
+                raise CorruptSample(f"{path}: cannot read the frames of sample {key}: {e}") from None
+            if len(blob) != end - start:
+                raise CorruptSample(f"{path}: the frames of sample {key} are cut short")
+            for n in order[i : j + 1]:
+                offset, size = ranges[n]
+                frames[n] = blob[offset - start : offset - start + size]
+            i = j + 1
+        return frames
 
     def close(self):
-        for fd in self._files.values():
+        for fd, _ in self._files.values():
             os.close(fd)
         self._files.clear()
 
@@ -149,7 +189,9 @@ def parse_members(blob: bytes, path: str, key: str) -> dict:
     except (tarfile.TarError, KeyError, ValueError, OSError) as e:
         raise CorruptSample(f"{path}: sample {key} does not parse: {type(e).__name__}: {e}") from None
     frames = [raw[k] for k in sorted(k for k in raw if k.endswith(".jpg"))]
-    if ids.shape != labels.shape or ids.ndim != 1 or len(frames) != meta.get("n_frames"):
+    if "frame_ranges" in meta and frames:
+        raise CorruptSample(f"{path}: sample {key} has both frame members and frame_ranges")
+    if ids.shape != labels.shape or ids.ndim != 1 or len(frames) != meta.get("n_frames") and "frame_ranges" not in meta:
         raise CorruptSample(f"{path}: sample {key} is inconsistent (tokens {ids.shape}/{labels.shape}, "
                             f"{len(frames)} frames, json says {meta.get('n_frames')})")
     return {"meta": meta, "input_ids": ids, "labels": labels, "frames": frames}
