@@ -146,6 +146,7 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_shards.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_cotrain.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_loader.py
+	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_frame_storage.py
 	$(PY) tests/bench/bench_train.py
 	$(PY) tests/bench/bench_sim.py
 	$(PY) tests/bench/bench_agent.py
