@@ -1,0 +1,1 @@
+"""GRPO + SFT hybrid reinforcement learning with expert intervention (docs/rl.md)."""
