@@ -206,3 +206,127 @@ def test_a_policy_on_the_path_is_left_alone(sim):
     iv = Intervention(cfg, EPISODE)
     sources, ending = walk(sim, iv, cfg, lambda s: iv.expert_label(s), 200)
     assert set(sources) == {"policy"} and ending == "stop" and iv.recoveries == 0
+
+
+# ---- rollouts and updates with a real (tiny) model ----------------------------------------------
+
+ARROWS, IM_END = [76286, 71858, 51018], 151645  # ↑ ← →
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer_dir):
+    """A tiny untrained model whose output layer only knows the arrows and (weaker) <|im_end|>, so its
+    random answers are moves, not noise that parses as STOP; and a few generated episodes."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.qwen_tokenizer import load_tokenizer
+    from streamvln.model.config import StreamVLNConfig
+    from streamvln.model.modeling import StreamVLNForCausalLM
+    from streamvln.sim.episodes import EpisodeGenConfig, generate_episodes, write_episodes
+
+    root = tmp_path_factory.mktemp("rl")
+    torch.manual_seed(0)
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs/model/tiny.yaml").read_text())
+    model = StreamVLNForCausalLM(StreamVLNConfig(**{**raw, "tie_word_embeddings": False}))
+    with torch.no_grad():
+        head = torch.zeros_like(model.lm_head.weight)
+        head[ARROWS] = torch.randn(len(ARROWS), head.shape[1]) * 3
+        head[IM_END] = torch.randn(head.shape[1])
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(root / "ckpt")
+    load_tokenizer(tokenizer_dir).save_pretrained(root / "ckpt")
+    eps, _ = generate_episodes(EpisodeGenConfig(split="train", scenes=2, per_scene=2, seed=3, r2r_per_path=1,
+                                                rxr_per_path=0))
+    write_episodes(root / "train.json.gz", eps)
+    return root, eps
+
+
+def rl_cfg(**kw):
+    base = dict(num_envs=2, group_size=2, num_episodes_per_update=2, max_steps_per_episode=24, tensorboard=False,
+                temperature=1.0, mini_batch_size=3, ppo_epochs=2, learning_rate=1e-3, goal_radius=1.0,
+                offtrack_patience=3)
+    return RLConfig(**{**base, **kw})
+
+
+def test_recomputed_logprob_is_the_rollouts_and_the_first_ratio_is_exactly_one(world):
+    from streamvln.agent.rollout import rollout
+    from streamvln.rl.logprob import sequence_logprobs
+    from streamvln.rl.policy import Member, RLPolicy
+    from streamvln.rl.train import load_policy_model
+    from streamvln.rl.update import update_policy
+
+    root, eps = world
+    # a hair-trigger intervention, so the expert takes over within these short episodes
+    cfg = rl_cfg(offtrack_dist_thresh=0.3, waypoint_radius=0.2, heading_guard_dist=0.1, offtrack_heading_thresh_deg=60,
+                 offtrack_patience=2, recovery_dist_thresh=0.3, recovery_heading_thresh_deg=20)
+    agent = load_policy_model(str(root / "ckpt"), cfg)
+    agent.cfg.num_frames, agent.cfg.num_history = 8, 4  # windows close and reopen with memory within 24 steps
+    agent.cfg.max_new_tokens = 5  # at most 4 actions per answer, as the model is trained to give
+    sims = [MiniWorldSim(SimConfig(width=32, height=24)) for _ in range(2)]
+    try:
+        policy = RLPolicy(agent, sims, cfg)
+        members = [Member(ep, m, 0, cfg.seed) for ep in eps[:2] for m in range(2)]
+        trajectories = [r.info for r in rollout(sims, policy, members)]
+    finally:
+        for s in sims:
+            s.close()
+    decisions = [d for t in trajectories for d in t["decisions"] if d.kind == "policy"]
+    oracle = [d for t in trajectories for d in t["decisions"] if d.kind == "oracle"]
+    assert oracle and all(d.sft and len(d.steps) <= 4 for d in oracle)  # expert chunks, each an SFT target
+    assert all(t["steps"][k].source == "expert" for t in trajectories for d in t["decisions"] if d.kind == "oracle"
+               for k in d.steps)
+    assert len(decisions) > 4 and any(len(d.context) > 2 for d in decisions)  # later turns of a window
+    assert any(p[0] == "turn" and p[3] > 0 for d in decisions for p in d.context)  # a window with memory
+    with torch.no_grad():
+        logp, _, _ = sequence_logprobs(agent, [(d.frames, d.context, d.tokens) for d in decisions], cfg.temperature)
+    assert logp.tolist() == pytest.approx([d.logp for d in decisions], abs=1e-3)
+    # a group's members run the same episode under the same instruction (B1)
+    assert trajectories[0]["member"].episode.instruction_text == trajectories[1]["member"].episode.instruction_text
+    stats = update_policy(agent, torch.optim.AdamW([p for p in agent.model.parameters() if p.requires_grad], lr=1e-3),
+                          trajectories, cfg, 0)
+    assert stats["first_ratio"] == 1.0 and stats["logp_drift"] < 1e-3
+    assert stats["policy_decisions"] == len(decisions) and stats["ratio_std"] > 0  # later minibatches moved
+    assert stats["sft_samples"] >= len(oracle) and stats["sft_loss"] > 0
+    assert not agent.model.training  # back in eval mode for the next rollouts (B17)
+
+
+def test_rl_cli_trains_logs_exports_and_resumes_to_the_uninterrupted_update(world, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from streamvln.rl.cli import main
+
+    root, _ = world
+    base = ["--checkpoint", str(root / "ckpt"), "--episodes", str(root / "train.json.gz"), "--width", "32",
+            "--height", "24", "--num-envs", "2"]
+    sets = [a for k, v in rl_cfg().__dict__.items() if k in ("max_steps_per_episode", "temperature", "mini_batch_size",
+            "ppo_epochs", "learning_rate", "goal_radius", "offtrack_patience", "tensorboard", "num_episodes_per_update")
+            for a in ("--set", f"{k}={v}")]
+    r = CliRunner().invoke(main, [*base, *sets, "--output-dir", str(tmp_path / "full"), "--num-updates", "2"])
+    assert r.exit_code == 0, r.output
+    assert "update 2/2 SR" in r.output and (tmp_path / "full" / "final" / "model.safetensors").exists()
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["update"] for row in rows] == [1, 2]
+    for key in ("sr", "spl", "oracle_rate", "intervention_rate", "episode_length", "policy_loss", "sft_loss",
+                "sft_weight", "entropy", "ratio_mean", "ratio_std", "rollout_time", "update_time"):
+        assert key in rows[0], key
+    # interrupted after update 1, resumed: update 2 is the uninterrupted run's
+    r = CliRunner().invoke(main, [*base, *sets, "--output-dir", str(tmp_path / "cut"), "--num-updates", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*base, *sets, "--output-dir", str(tmp_path / "cut"), "--num-updates", "2",
+                                  "--resume"])
+    assert r.exit_code == 0, r.output
+    again = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    timing = {"rollout_time", "update_time", "env_steps_per_s"}
+    assert {k: v for k, v in again[-1].items() if k not in timing} == {k: v for k, v in rows[-1].items()
+                                                                        if k not in timing}
+    a = load_file(tmp_path / "full" / "checkpoints" / "update-000002" / "trainable.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "update-000002" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    refused = CliRunner().invoke(main, [*base, *sets, "--output-dir", str(tmp_path / "cut"), "--num-updates", "3",
+                                        "--resume", "--set", "learning_rate=0.5"])
+    assert refused.exit_code == 2 and "learning_rate differ" in refused.output

@@ -1,8 +1,10 @@
 """Batched rollouts: N simulators stepped in lockstep, one policy call per step for all of them.
 
-The one rollout path that evaluation, DAgger (and RL after it) use. Each environment takes the
-next episode from the list as soon as its current one ends, so N environments stay busy; results
-come back per episode, in completion order, with the metrics, the path and the actions.
+The one rollout path that evaluation, DAgger and RL use. Each environment takes the next episode
+from the list as soon as its current one ends, so N environments stay busy; results come back per
+episode, in completion order, with the metrics, the path and the actions. An item of the list may
+wrap its episode (`item.episode`: RL's group members); a policy may end an episode without an
+action by answering None for it (RL's interventions).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
         while todo:
             ep = todo.pop()
             try:
-                o = sims[i].reset(ep)
+                o = sims[i].reset(getattr(ep, "episode", ep))
             except SimulatorError as e:
                 yield EpisodeResult(ep, None, error=str(e))
                 continue
@@ -49,12 +51,14 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
         actions = policy.act([obs[i] for i in active], active)
         for i in active:
             ep, acts, frames = running[i]
-            a = int(actions[i])
-            obs[i] = sims[i].step(a)
-            acts.append(a)
-            if keep_frames:
-                frames.append(obs[i].rgb)
-            if sims[i].done:
+            ended = actions[i] is None
+            if not ended:
+                a = int(actions[i])
+                obs[i] = sims[i].step(a)
+                acts.append(a)
+                if keep_frames:
+                    frames.append(obs[i].rgb)
+            if ended or sims[i].done:
                 del running[i]
                 path = [[float(v) for v in p] for p in sims[i].agent_path()]
                 info = policy.episode_info(i) if hasattr(policy, "episode_info") else {}

@@ -58,6 +58,14 @@ class EnvState:
     rng: random.Random | None = None
     turns: int = 0
     last_text: str = ""
+    # sampling and what RL needs to recompute a decision's probability under its exact context (B4):
+    # the window's pieces ("turn", ids, frame indices, memory count) and ("gen", fed tokens)
+    temperature: float | None = None  # None: greedy
+    generator: torch.Generator | None = None
+    pieces: list = field(default_factory=list)
+    last_context: list = field(default_factory=list)  # the pieces the last decision was made on
+    last_tokens: list = field(default_factory=list)  # the tokens it generated (the last one not fed)
+    last_logp: float = 0.0  # their log-probability at score_temperature (when set)
 
 
 def preprocess(rgb: np.ndarray, size: int) -> torch.Tensor:
@@ -69,19 +77,30 @@ def preprocess(rgb: np.ndarray, size: int) -> torch.Tensor:
 class StreamingAgent:
     def __init__(self, model, tok, cfg: AgentConfig, num_envs: int = 1):
         self.model, self.tok, self.cfg = model.eval(), tok, cfg
+        # the network itself: a LoRA-wrapped model (RL) carries its adapters inside the base modules
+        self.net = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.turns = TurnBuilder(tok, cfg.reference_memory_text)
         self.device = next(model.parameters()).device
         self.envs = [EnvState() for _ in range(num_envs)]
         self.decisions = 0  # model calls per environment, over all episodes (benchmarks)
+        self.score_temperature: float | None = None  # RL: log-probabilities of the chosen tokens at this T
 
     # ---- episode bookkeeping ------------------------------------------------------------------
-    def reset(self, i: int, episode_id, instruction: str) -> None:
+    def reset(self, i: int, episode_id, instruction: str, temperature: float | None = None,
+              sample_seed: int | None = None) -> None:
+        """A new episode in environment i; with a temperature its decisions are sampled (seeded)."""
         digest = hashlib.sha256(f"{self.cfg.seed}|{episode_id}".encode()).digest()
+        generator = None
+        if temperature is not None:
+            if not self.cfg.use_cache:
+                raise ValueError("sampling needs use_cache (the recompute mode is greedy only)")
+            generator = torch.Generator(device=self.device).manual_seed(int(sample_seed or 0))
         self.envs[i] = EnvState(episode_id=str(episode_id), instruction=instruction,
-                                rng=random.Random(int.from_bytes(digest[:8], "little")))
+                                rng=random.Random(int.from_bytes(digest[:8], "little")),
+                                temperature=temperature, generator=generator)
 
     def _close_window(self, env: EnvState) -> None:
-        env.cache, env.window_embeds, env.pending, env.window_open = None, [], [], False
+        env.cache, env.window_embeds, env.pending, env.window_open, env.pieces = None, [], [], False, []
 
     # ---- acting -------------------------------------------------------------------------------
     def clear_queue(self, i: int) -> None:
@@ -90,6 +109,18 @@ class StreamingAgent:
 
     def queued(self, i: int) -> int:
         return len(self.envs[i].queue)
+
+    def snapshot_turn(self, i: int, conjunction: str) -> list:
+        """The context pieces of a decision at environment i's current frame, without making it: what
+        the model would be asked here (RL's expert-driven steps are trained on it). Changes nothing."""
+        env = self.envs[i]
+        now = len(env.frames) - 1
+        if not env.window_open:
+            memory = history_indices(now, 0, self.cfg.num_history, self.cfg.history_mode) if now > 0 else []
+            return [("turn", self.turns.open_window(env.instruction, bool(memory), conjunction), memory + [now],
+                     len(memory))]
+        ids = np.concatenate([np.asarray(env.pending, np.int64), self.turns.next_turn(conjunction)])
+        return list(env.pieces) + [("turn", ids, [now], 0)]
 
     @torch.no_grad()
     def act(self, observations: list, active: list[int] | None = None,
@@ -128,8 +159,11 @@ class StreamingAgent:
             memory = history_indices(now, 0, self.cfg.num_history, self.cfg.history_mode) if now > 0 else []
             ids = self.turns.open_window(env.instruction, bool(memory), conj)
             env.window_open = True
+            env.pieces.append(("turn", ids, memory + [now], len(memory)))
             return ids, memory + [now]
-        return np.concatenate([np.asarray(env.pending, np.int64), self.turns.next_turn(conj)]), [now]
+        ids = np.concatenate([np.asarray(env.pending, np.int64), self.turns.next_turn(conj)])
+        env.pieces.append(("turn", ids, [now], 0))
+        return ids, [now]
 
     def _visual(self, env_frames: list[tuple[EnvState, list[int]]]) -> list[list[torch.Tensor]]:
         """Visual tokens per (env, frame indices): cached ones reused, the rest encoded in one call."""
@@ -138,7 +172,7 @@ class StreamingAgent:
         by_id = {id(env): env for env, _ in env_frames}
         if todo:
             pixels = torch.stack([by_id[e].frames[f] for e, f in todo])[None].to(self.device)
-            feats = self.model.encode_frames(pixels, torch.tensor([len(todo)]))[0]
+            feats = self.net.encode_frames(pixels, torch.tensor([len(todo)]))[0]
             for (e, f), feat in zip(todo, feats):
                 cache = by_id[e].features
                 cache[f] = feat
@@ -150,15 +184,30 @@ class StreamingAgent:
             for f in frames:
                 if f not in env.features:  # evicted in this very call: encode it alone
                     px = env.frames[f][None, None].to(self.device)
-                    env.features[f] = self.model.encode_frames(px, torch.tensor([1]))[0][0]
+                    env.features[f] = self.net.encode_frames(px, torch.tensor([1]))[0][0]
                 got.append(env.features[f])
             out.append(got)
         return out
 
+    def embed_pieces(self, frames: list, pieces: list) -> torch.Tensor:
+        """A decision context's embeddings, rebuilt from its pieces (RL recomputes log-probabilities on it
+        with gradients through the language model; the vision tower runs without them)."""
+        out = []
+        for piece in pieces:
+            if piece[0] == "gen":
+                out.append(self.net.model.embed_tokens(torch.tensor(piece[1], device=self.device)))
+                continue
+            _, ids, frame_ids, n_memory = piece
+            with torch.no_grad():
+                pixels = torch.stack([frames[f] for f in frame_ids])[None].to(self.device)
+                visual = list(self.net.encode_frames(pixels, torch.tensor([len(frame_ids)]))[0])
+            out.append(self._embed(ids, visual, n_memory))
+        return torch.cat(out)
+
     def _embed(self, ids: np.ndarray, visual: list[torch.Tensor], n_memory: int) -> torch.Tensor:
         """Text embeddings with <memory> replaced by all memory frames' tokens and each <image> by one frame's."""
         ids_t = torch.as_tensor(ids, device=self.device)
-        text = self.model.model.embed_tokens(ids_t.clamp(min=0))
+        text = self.net.model.embed_tokens(ids_t.clamp(min=0))
         memory = torch.cat(visual[:n_memory]) if n_memory else None
         current = list(visual[n_memory:])
         pieces, start = [], 0
@@ -186,6 +235,9 @@ class StreamingAgent:
         generated = self._generate(envs, embeds)
         self.decisions += len(envs)
         for env, gen in zip(envs, generated):
+            env.last_context, env.last_tokens = list(env.pieces), list(gen)  # (env.frames holds the frames)
+            if gen[:-1]:
+                env.pieces.append(("gen", list(gen[:-1])))
             text = self.tok.decode(gen, skip_special_tokens=False)
             env.last_text = text
             env.queue = parse_actions(text)
@@ -195,7 +247,7 @@ class StreamingAgent:
             env.pending = gen[-1:]
             fed = gen[:-1]
             if fed:
-                env.window_embeds.append(self.model.model.embed_tokens(torch.tensor(fed, device=self.device)))
+                env.window_embeds.append(self.net.model.embed_tokens(torch.tensor(fed, device=self.device)))
 
     # ---- the language model over padded per-environment caches --------------------------------
     def _generate(self, envs: list[EnvState], embeds: list[torch.Tensor]) -> list[list[int]]:
@@ -216,13 +268,14 @@ class StreamingAgent:
             new_mask[k, : n[k]] = 1
             pos[k] = past[k] + torch.arange(nmax, device=self.device)
         mask = torch.cat([mask, new_mask], 1)
-        hidden = self.model.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        hidden = self.net.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                   use_cache=True).last_hidden_state
         last = hidden[torch.arange(b), torch.tensor(n) - 1]
-        logits = self.model.lm_head(last)
+        logits = self.net.lm_head(last)
         for env, row in zip(envs, logits):
             env.last_logits = row.float()
-        token = logits.argmax(-1)
+            env.last_logp = 0.0
+        token = self._choose(envs, logits, torch.zeros(b, dtype=torch.bool))
         out = [[int(t)] for t in token]
         done = torch.tensor([t == self.turns.im_end for t in token.tolist()])
         next_pos = torch.tensor([past[k] + n[k] for k in range(b)], device=self.device)
@@ -231,10 +284,10 @@ class StreamingAgent:
                 break
             live = (~done).long().to(self.device)
             mask = torch.cat([mask, live[:, None]], 1)
-            emb = self.model.model.embed_tokens(token)[:, None]
-            hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=next_pos[:, None],
+            emb = self.net.model.embed_tokens(token)[:, None]
+            hidden = self.net.model(inputs_embeds=emb, attention_mask=mask, position_ids=next_pos[:, None],
                                       past_key_values=cache, use_cache=True).last_hidden_state
-            token = self.model.lm_head(hidden[:, -1]).argmax(-1)
+            token = self._choose(envs, self.net.lm_head(hidden[:, -1]), done)
             next_pos = next_pos + live
             for k in range(b):
                 if not done[k]:
@@ -242,6 +295,20 @@ class StreamingAgent:
                     done[k] = int(token[k]) == self.turns.im_end
         self._split(envs, cache, mask)
         return out
+
+    def _choose(self, envs: list[EnvState], logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Each environment's next token: greedy, or sampled at its temperature with its own generator;
+        with score_temperature set, adds the token's log-probability at it to env.last_logp."""
+        token = logits.argmax(-1)
+        for k, env in enumerate(envs):
+            if done[k]:
+                continue
+            if env.temperature is not None:
+                probs = torch.softmax(logits[k].float() / env.temperature, -1)
+                token[k] = torch.multinomial(probs, 1, generator=env.generator)[0]
+            if self.score_temperature is not None:
+                env.last_logp += float(torch.log_softmax(logits[k].float() / self.score_temperature, -1)[token[k]])
+        return token
 
     def _stack(self, envs, past, lmax):
         """One batched cache: each env's keys/values left-padded to the longest; the mask marks real slots."""
@@ -282,15 +349,15 @@ class StreamingAgent:
         seq = torch.cat(env.window_embeds)
         out = []
         for _ in range(self.cfg.max_new_tokens):
-            hidden = self.model.model(inputs_embeds=seq[None], use_cache=False).last_hidden_state
-            logits = self.model.lm_head(hidden[0, -1])
+            hidden = self.net.model(inputs_embeds=seq[None], use_cache=False).last_hidden_state
+            logits = self.net.lm_head(hidden[0, -1])
             if not out:
                 env.last_logits = logits.float()
             token = int(logits.argmax())
             out.append(token)
             if token == self.turns.im_end:
                 break
-            seq = torch.cat([seq, self.model.model.embed_tokens(torch.tensor([token], device=self.device))])
+            seq = torch.cat([seq, self.net.model.embed_tokens(torch.tensor([token], device=self.device))])
         return out
 
 

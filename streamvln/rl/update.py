@@ -1,0 +1,110 @@
+"""One GRPO + SFT update over a set of groups: advantages, PPO epochs over minibatches, the hybrid SFT term.
+
+Per update u: each group's returns give advantages (objective.group_advantages), shared by every
+policy decision of a rollout. The policy decisions are shuffled (seeded by u) into minibatches; before
+any optimizer step, the old log-probabilities are recomputed for epoch 0's minibatches exactly as the
+update will compute the new ones, so the first minibatch's ratio is exactly 1 and every later ratio
+is the true one (B2); their distance to the rollout's own log-probabilities is logged (`logp_drift`).
+Each minibatch: L = L_clip - entropy_coef H + (1/n) sum_i w_i CE_i over its share of the SFT samples
+(expert-driven chunks at oracle_weight x w(u), policy decisions on the expert's labels at w(u)),
+then clipped gradients and one optimizer step. The model is in train mode here and in eval mode for
+rollouts (B17).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from .config import RLConfig
+from .logprob import sequence_logprobs
+from .objective import clipped_policy_loss, group_advantages, sft_weight
+
+
+def collect_items(trajectories: list[dict], cfg: RLConfig, update: int):
+    """(policy items: (decision, advantage)), (SFT items: (decision, weight)), advantages per trajectory."""
+    groups = defaultdict(list)
+    for t in trajectories:
+        groups[t["member"].key].append(t)
+    w = sft_weight(update, cfg)
+    pg, sft = [], []
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda t: t["member"].member)
+        for t, a in zip(group, group_advantages([t["return"] for t in group], cfg.advantage_std_floor)):
+            t["advantage"] = a
+            for d in t["decisions"]:
+                if d.kind == "policy" and d.steps:
+                    pg.append((d, a))
+                if w > 0 and d.sft:
+                    if d.kind == "oracle":
+                        sft.append((d, cfg.oracle_weight * w))
+                    elif cfg.sft_use_policy_steps and not cfg.sft_oracle_only:
+                        sft.append((d, w))
+    return pg, sft, w
+
+
+def _minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    return [order[k : k + size] for k in range(0, n, size)]
+
+
+def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, update: int) -> dict:
+    start = time.perf_counter()
+    model = agent.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    pg, sft, w = collect_items(trajectories, cfg, update)
+    rng = np.random.default_rng([cfg.seed, update])
+    plans = [_minibatches(len(pg), cfg.mini_batch_size, rng) for _ in range(cfg.ppo_epochs)]
+    sft_orders = [rng.permutation(len(sft)) for _ in range(cfg.ppo_epochs)]
+    model.train()
+    old = torch.zeros(len(pg))
+    with torch.no_grad():  # before any step, as the update will compute them (see the module doc)
+        for batch in plans[0] if pg else []:
+            lp, _, _ = sequence_logprobs(agent, [(pg[k][0].frames, pg[k][0].context, pg[k][0].tokens) for k in batch],
+                                         cfg.temperature)
+            old[batch] = lp.cpu()
+    drift = max((abs(float(old[k]) - pg[k][0].logp) for k in range(len(pg))), default=0.0)
+    stats = defaultdict(list)
+    for epoch in range(cfg.ppo_epochs):
+        batches = plans[epoch] if pg else [np.array([], dtype=int)] * max(1, -(-len(sft) // cfg.mini_batch_size))
+        for j, batch in enumerate(batches):
+            loss = torch.zeros((), device=agent.device)
+            if len(batch):
+                items = [pg[k] for k in batch]
+                new, entropy, _ = sequence_logprobs(agent, [(d.frames, d.context, d.tokens) for d, _ in items],
+                                                    cfg.temperature)
+                adv = torch.tensor([a for _, a in items], dtype=new.dtype, device=new.device)
+                policy_loss, ratio = clipped_policy_loss(new, old[batch].to(new.device), adv, cfg.clip_eps)
+                loss = loss + policy_loss - cfg.entropy_coef * entropy.mean()
+                stats["policy_loss"].append(float(policy_loss))
+                stats["entropy"].append(float(entropy.mean()))
+                stats["ratio"] += ratio.cpu().tolist()
+                stats["clipped"] += ((ratio - 1).abs() > cfg.clip_eps).float().cpu().tolist()
+            if sft:
+                size = len(batch) if len(batch) else cfg.mini_batch_size
+                take = [sft[sft_orders[epoch][(j * size + k) % len(sft)]] for k in range(min(size, len(sft)))]
+                _, _, nll = sequence_logprobs(agent, [(d.frames, d.context, d.sft) for d, _ in take], 1.0)
+                weights = torch.tensor([wt for _, wt in take], dtype=nll.dtype, device=nll.device)
+                sft_loss = (weights * nll).sum() / len(take)
+                loss = loss + sft_loss
+                stats["sft_loss"].append(float((nll * weights).sum() / weights.sum()))
+            if not loss.requires_grad:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+            optimizer.step()
+    model.eval()
+    ratios = np.array(stats["ratio"]) if stats["ratio"] else np.ones(1)
+    return {
+        "policy_loss": float(np.mean(stats["policy_loss"])) if stats["policy_loss"] else 0.0,
+        "sft_loss": float(np.mean(stats["sft_loss"])) if stats["sft_loss"] else 0.0,
+        "sft_weight": w, "entropy": float(np.mean(stats["entropy"])) if stats["entropy"] else 0.0,
+        "ratio_mean": float(ratios.mean()), "ratio_std": float(ratios.std()), "ratio_max": float(ratios.max()),
+        "clip_fraction": float(np.mean(stats["clipped"])) if stats["clipped"] else 0.0,
+        "first_ratio": float(ratios[0]), "logp_drift": drift, "grad_norm": float(np.mean(stats["grad_norm"] or [0])),
+        "policy_decisions": len(pg), "sft_samples": len(sft), "update_time": time.perf_counter() - start,
+    }
