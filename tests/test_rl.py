@@ -330,3 +330,36 @@ def test_rl_cli_trains_logs_exports_and_resumes_to_the_uninterrupted_update(worl
     refused = CliRunner().invoke(main, [*base, *sets, "--output-dir", str(tmp_path / "cut"), "--num-updates", "3",
                                         "--resume", "--set", "learning_rate=0.5"])
     assert refused.exit_code == 2 and "learning_rate differ" in refused.output
+
+
+def test_reference_config_is_the_defaults_and_the_demo_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert load_rl_config(root / "configs/rl/reference.yaml") == RLConfig()
+    demo = load_rl_config(root / "configs/rl/demo.yaml")
+    assert demo.group_size == 4 and demo.lora is not None and demo.lora.r == 32
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_split_the_groups_and_stay_in_sync(world, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = world
+    repo = Path(__file__).resolve().parent.parent
+    torchrun = Path(sys.executable).parent / "torchrun"
+    sets = ["num_updates=2", "num_episodes_per_update=2", "group_size=2", "num_envs=2", "max_steps_per_episode=12",
+            "tensorboard=false", "mini_batch_size=2", "learning_rate=0.001", "temperature=1.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29641",
+                             str(repo / "tests" / "rl_dist_check.py"), str(root / "ckpt"), str(root / "train.json.gz"),
+                             str(tmp_path / "out"), *sets], capture_output=True, text=True, env=env, cwd=repo)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "RL-DIST-CHECK-OK" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2] and all(r["rollouts"] == 4 for r in rows)  # 2 episodes x 2, both ranks
+    assert (tmp_path / "out" / "checkpoints" / "update-000002" / "state.json").exists()

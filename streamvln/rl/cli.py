@@ -43,7 +43,12 @@ def parse_sets(values: tuple[str, ...]) -> dict:
 @click.option("--height", default=168, show_default=True, help="Simulator image height.")
 def main(checkpoint, episodes_path, config_path, output_dir, resume, sets, num_updates, group_size, num_envs,
          disable_recovery, max_episodes, width, height):
-    """GRPO + SFT hybrid RL with expert intervention on the simulator's episodes (docs/rl.md)."""
+    """GRPO + SFT hybrid RL with expert intervention on the simulator's episodes (docs/rl.md); `torchrun -m
+    streamvln.rl` for several processes."""
+    import os
+
+    import torch
+
     from streamvln.sim.base import SimConfig
     from streamvln.sim.miniworld_sim import MiniWorldSim
 
@@ -61,14 +66,21 @@ def main(checkpoint, episodes_path, config_path, output_dir, resume, sets, num_u
         raise click.ClickException(str(e)) from None
     if not episodes:
         raise click.ClickException(f"{episodes_path} holds no episodes")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     sims = [MiniWorldSim(SimConfig(width=width, height=height)) for _ in range(cfg.num_envs)]
     try:
-        result = train_rl(cfg, checkpoint, episodes, Path(output_dir), sims, resume, log=click.echo)
+        result = train_rl(cfg, checkpoint, episodes, Path(output_dir), sims, resume, log=click.echo, rank=rank,
+                          world=world)
     except ValueError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     finally:
         for sim in sims:
             sim.close()
-    export(result["agent"], Path(output_dir) / "final", checkpoint, cfg)
-    click.echo(f"exported {Path(output_dir) / 'final'}")
+    if rank == 0:
+        export(result["agent"], Path(output_dir) / "final", checkpoint, cfg)
+        click.echo(f"exported {Path(output_dir) / 'final'}")

@@ -134,25 +134,56 @@ class Logger:
             self.wandb.finish()
 
 
-def rollout_stats(trajectories: list[dict], seconds: float) -> dict:
-    steps = sum(len(t["steps"]) for t in trajectories)
-    n = len(trajectories)
+def gather(obj, world: int) -> list:
+    """Every rank's obj, in rank order (a collective: every rank calls it)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def summaries(trajectories: list[dict]) -> list[dict]:
+    return [{k: t[k] for k in ("success", "spl", "expert_steps", "interventions", "return", "outcome")}
+            | {"steps": len(t["steps"])} for t in trajectories]
+
+
+def rollout_stats(runs: list[dict], seconds: float) -> dict:
+    """Per-update rollout metrics over every rank's rollouts (runs: summaries())."""
+    steps = sum(t["steps"] for t in runs)
+    n = max(1, len(runs))
     return {
-        "sr": float(np.mean([t["success"] for t in trajectories])), "spl": float(np.mean([t["spl"] for t in trajectories])),
-        "oracle_rate": sum(t["expert_steps"] for t in trajectories) / max(1, steps),
-        "intervention_rate": sum(t["interventions"] for t in trajectories) / n,
-        "episode_length": steps / n, "return": float(np.mean([t["return"] for t in trajectories])),
-        "outcomes": {o: sum(t["outcome"] == o for t in trajectories) for o in sorted({t["outcome"] for t in trajectories})},
+        "rollouts": len(runs), "sr": float(np.mean([t["success"] for t in runs])),
+        "spl": float(np.mean([t["spl"] for t in runs])),
+        "oracle_rate": sum(t["expert_steps"] for t in runs) / max(1, steps),
+        "intervention_rate": sum(t["interventions"] for t in runs) / n,
+        "episode_length": steps / n, "return": float(np.mean([t["return"] for t in runs])),
+        "outcomes": {o: sum(t["outcome"] == o for t in runs) for o in sorted({t["outcome"] for t in runs})},
         "rollout_time": seconds, "env_steps_per_s": steps / max(seconds, 1e-9),
     }
 
 
+def merge_update_stats(stats: list[dict]) -> dict:
+    """Counts summed over ranks, everything else averaged (each rank's minibatch means)."""
+    counts = ("policy_decisions", "sft_samples")
+    out = {k: sum(s[k] for s in stats) for k in counts}
+    for k in stats[0]:
+        if k not in counts:
+            out[k] = max(s[k] for s in stats) if k in ("ratio_max", "logp_drift", "update_time") else float(
+                np.mean([s[k] for s in stats]))
+    out["first_ratio"] = stats[0]["first_ratio"]
+    return out
+
+
 def train_rl(cfg: RLConfig, checkpoint: str, episodes: list, out: Path, sims, do_resume: bool = False,
-             log=print) -> dict:
+             log=print, rank: int = 0, world: int = 1) -> dict:
+    """With several ranks (torchrun), each runs whole groups of its share of every update's episodes
+    on its own simulators, and the gradients are averaged over the ranks at every optimizer step."""
     # ------------------------------------------------------------ load
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rl_config.json").write_text(json.dumps({"checkpoint": checkpoint, **asdict(cfg)}, indent=1) + "\n")
+    if rank == 0:
+        (out / "rl_config.json").write_text(json.dumps({"checkpoint": checkpoint, **asdict(cfg)}, indent=1) + "\n")
     agent = load_policy_model(checkpoint, cfg)
     params = [p for p in agent.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -160,23 +191,31 @@ def train_rl(cfg: RLConfig, checkpoint: str, episodes: list, out: Path, sims, do
     if not do_resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
     policy = RLPolicy(agent, sims, cfg)
-    logger = Logger(out, cfg)
+    logger = Logger(out, cfg) if rank == 0 else None
     row = {}
     # ------------------------------------------------------------ loop
     for u in range(start, cfg.num_updates):
         agent.model.eval()
-        members = [Member(ep, m, u, cfg.seed) for ep in pick_episodes(episodes, cfg, u) for m in range(cfg.group_size)]
+        mine = pick_episodes(episodes, cfg, u)[rank::world]
+        members = [Member(ep, m, u, cfg.seed) for ep in mine for m in range(cfg.group_size)]
         t0 = time.perf_counter()
         trajectories = [r.info for r in rollout(sims, policy, members)]  # step: roll out the groups
-        row = {"update": u + 1, **rollout_stats(trajectories, time.perf_counter() - t0)}
-        row.update(update_policy(agent, optimizer, trajectories, cfg, u))  # step: the update
-        logger.write(row)  # log
-        log(f"update {u + 1}/{cfg.num_updates} SR {row['sr']:.2f} SPL {row['spl']:.2f} return {row['return']:+.2f} "
-            f"oracle {row['oracle_rate']:.2f} policy loss {row['policy_loss']:+.4f} sft {row['sft_loss']:.3f} "
-            f"(w {row['sft_weight']:.2f}) rollouts {row['rollout_time']:.1f}s update {row['update_time']:.1f}s")
+        seconds = time.perf_counter() - t0
+        stats = update_policy(agent, optimizer, trajectories, cfg, u, rank, world)  # step: the update
+        runs, updates = gather(summaries(trajectories), world), gather(stats, world)
+        row = {"update": u + 1, **rollout_stats([t for r in runs for t in r], seconds), **merge_update_stats(updates)}
+        if rank == 0:  # log
+            logger.write(row)
+            log(f"update {u + 1}/{cfg.num_updates} SR {row['sr']:.2f} SPL {row['spl']:.2f} return {row['return']:+.2f} "
+                f"oracle {row['oracle_rate']:.2f} policy loss {row['policy_loss']:+.4f} sft {row['sft_loss']:.3f} "
+                f"(w {row['sft_weight']:.2f}) rollouts {row['rollout_time']:.1f}s update {row['update_time']:.1f}s")
         if (u + 1) % cfg.save_every == 0 or u + 1 == cfg.num_updates:  # save
-            save(out, agent.model, optimizer, u + 1, cfg)
-    logger.close()
+            if rank == 0:
+                save(out, agent.model, optimizer, u + 1, cfg)
+            if world > 1:
+                torch.distributed.barrier()
+    if logger:
+        logger.close()
     return {"agent": agent, "last": row}
 
 

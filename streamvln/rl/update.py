@@ -51,12 +51,38 @@ def _minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray
     return [order[k : k + size] for k in range(0, n, size)]
 
 
-def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, update: int) -> dict:
+def _steps_everywhere(n: int, world: int) -> int:
+    """The most optimizer steps any rank has: every rank takes that many (the gradient all-reduce is a
+    collective); a rank out of minibatches contributes zero gradients."""
+    if world == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
+
+def _average_gradients(params: list, world: int) -> None:
+    if world == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
+                      for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+        offset += n
+
+
+def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, update: int, rank: int = 0,
+                  world: int = 1) -> dict:
+    """This rank's groups; with several ranks, gradients are averaged over them at every step."""
     start = time.perf_counter()
     model = agent.model
     params = [p for p in model.parameters() if p.requires_grad]
     pg, sft, w = collect_items(trajectories, cfg, update)
-    rng = np.random.default_rng([cfg.seed, update])
+    rng = np.random.default_rng([cfg.seed, update, rank])
     plans = [_minibatches(len(pg), cfg.mini_batch_size, rng) for _ in range(cfg.ppo_epochs)]
     sft_orders = [rng.permutation(len(sft)) for _ in range(cfg.ppo_epochs)]
     model.train()
@@ -69,8 +95,15 @@ def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, upd
     drift = max((abs(float(old[k]) - pg[k][0].logp) for k in range(len(pg))), default=0.0)
     stats = defaultdict(list)
     for epoch in range(cfg.ppo_epochs):
-        batches = plans[epoch] if pg else [np.array([], dtype=int)] * max(1, -(-len(sft) // cfg.mini_batch_size))
+        batches = plans[epoch] if pg else [np.array([], dtype=int)] * (-(-len(sft) // cfg.mini_batch_size))
+        batches = list(batches) + [None] * (_steps_everywhere(len(batches), world) - len(batches))
         for j, batch in enumerate(batches):
+            if batch is None:  # out of minibatches here, not on another rank: a zero-gradient step
+                optimizer.zero_grad(set_to_none=True)
+                _average_gradients(params, world)
+                stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+                optimizer.step()
+                continue
             loss = torch.zeros((), device=agent.device)
             if len(batch):
                 items = [pg[k] for k in batch]
@@ -79,8 +112,8 @@ def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, upd
                 adv = torch.tensor([a for _, a in items], dtype=new.dtype, device=new.device)
                 policy_loss, ratio = clipped_policy_loss(new, old[batch].to(new.device), adv, cfg.clip_eps)
                 loss = loss + policy_loss - cfg.entropy_coef * entropy.mean()
-                stats["policy_loss"].append(float(policy_loss))
-                stats["entropy"].append(float(entropy.mean()))
+                stats["policy_loss"].append(float(policy_loss.detach()))
+                stats["entropy"].append(float(entropy.mean().detach()))
                 stats["ratio"] += ratio.cpu().tolist()
                 stats["clipped"] += ((ratio - 1).abs() > cfg.clip_eps).float().cpu().tolist()
             if sft:
@@ -90,11 +123,11 @@ def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, upd
                 weights = torch.tensor([wt for _, wt in take], dtype=nll.dtype, device=nll.device)
                 sft_loss = (weights * nll).sum() / len(take)
                 loss = loss + sft_loss
-                stats["sft_loss"].append(float((nll * weights).sum() / weights.sum()))
-            if not loss.requires_grad:
-                continue
+                stats["sft_loss"].append(float((nll * weights).sum().detach() / weights.sum()))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
+            _average_gradients(params, world)
             stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
             optimizer.step()
     model.eval()

@@ -1,0 +1,63 @@
+"""Benchmark: RL rollout steps per second and update time per group on this machine.
+
+Uses the stage-1 demo model (runs/demo/final, from `make demo`) on the demo's training episodes;
+prints numbers, asserts nothing. Run with `make bench` or `python tests/bench/bench_rl.py [checkpoint]`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from streamvln.agent.rollout import rollout  # noqa: E402
+from streamvln.rl.config import load_rl_config  # noqa: E402
+from streamvln.rl.policy import Member, RLPolicy  # noqa: E402
+from streamvln.rl.train import load_policy_model  # noqa: E402
+from streamvln.rl.update import update_policy  # noqa: E402
+from streamvln.sim.base import SimConfig  # noqa: E402
+from streamvln.sim.episodes import read_episodes  # noqa: E402
+from streamvln.sim.miniworld_sim import MiniWorldSim  # noqa: E402
+
+
+def main():
+    checkpoint = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "runs" / "demo" / "final")
+    episodes_path = ROOT / "data" / "sim" / "episodes" / "train.json.gz"
+    if not (Path(checkpoint) / "config.json").exists() or not episodes_path.exists():
+        print(f"bench_rl: needs {checkpoint} and {episodes_path} (make demo); skipped")
+        return
+    torch.set_num_threads(2)
+    episodes = read_episodes(episodes_path)[::25][:8]
+    print(f"{'envs':>5} {'group':>5} {'episodes':>8} {'env steps':>9} {'rollout s':>9} {'steps/s':>8} "
+          f"{'update s':>8} {'update s/group':>14} {'decisions':>9} {'SFT samples':>11}")
+    for envs, group in ((4, 2), (8, 4)):
+        cfg = load_rl_config(ROOT / "configs" / "rl" / "demo.yaml", num_envs=envs, group_size=group,
+                             num_episodes_per_update=2, tensorboard=False)
+        agent = load_policy_model(checkpoint, cfg)
+        sims = [MiniWorldSim(SimConfig(width=224, height=168)) for _ in range(envs)]
+        try:
+            policy = RLPolicy(agent, sims, cfg)
+            members = [Member(ep, m, 0, cfg.seed) for ep in episodes[:2] for m in range(group)]
+            start = time.perf_counter()
+            trajectories = [r.info for r in rollout(sims, policy, members)]
+            seconds = time.perf_counter() - start
+            steps = sum(len(t["steps"]) for t in trajectories)
+            optimizer = torch.optim.AdamW([p for p in agent.model.parameters() if p.requires_grad], lr=1e-4)
+            stats = update_policy(agent, optimizer, trajectories, cfg, 0)
+        finally:
+            for s in sims:
+                s.close()
+        print(f"{envs:>5} {group:>5} {2:>8} {steps:>9} {seconds:>9.1f} {steps / seconds:>8.1f} "
+              f"{stats['update_time']:>8.1f} {stats['update_time'] / 2:>14.1f} {stats['policy_decisions']:>9} "
+              f"{stats['sft_samples']:>11}")
+    print(f"(CPU, {torch.get_num_threads()} threads; tiny demo model at 112x112, simulator 224x168; rollouts "
+          "include the simulator, the expert's labels and the model's batched decisions)")
+
+
+if __name__ == "__main__":
+    main()
