@@ -255,7 +255,7 @@ def test_recomputed_logprob_is_the_rollouts_and_the_first_ratio_is_exactly_one(w
     from streamvln.rl.logprob import sequence_logprobs
     from streamvln.rl.policy import Member, RLPolicy
     from streamvln.rl.train import load_policy_model
-    from streamvln.rl.update import update_policy
+    from streamvln.rl.update import TorchStep, update_policy
 
     root, eps = world
     # a hair-trigger intervention, so the expert takes over within these short episodes
@@ -284,8 +284,9 @@ def test_recomputed_logprob_is_the_rollouts_and_the_first_ratio_is_exactly_one(w
     assert logp.tolist() == pytest.approx([d.logp for d in decisions], abs=1e-3)
     # a group's members run the same episode under the same instruction (B1)
     assert trajectories[0]["member"].episode.instruction_text == trajectories[1]["member"].episode.instruction_text
-    stats = update_policy(agent, torch.optim.AdamW([p for p in agent.model.parameters() if p.requires_grad], lr=1e-3),
-                          trajectories, cfg, 0)
+    params = [p for p in agent.model.parameters() if p.requires_grad]
+    stats = update_policy(agent, TorchStep(torch.optim.AdamW(params, lr=1e-3), params, cfg.max_grad_norm), trajectories,
+                          cfg, 0)
     assert stats["first_ratio"] == 1.0 and stats["logp_drift"] < 1e-3
     assert stats["policy_decisions"] == len(decisions) and stats["ratio_std"] > 0  # later minibatches moved
     assert stats["sft_samples"] >= len(oracle) and stats["sft_loss"] > 0
@@ -363,3 +364,40 @@ def test_two_ranks_under_torchrun_split_the_groups_and_stay_in_sync(world, tmp_p
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == [1, 2] and all(r["rollouts"] == 4 for r in rows)  # 2 episodes x 2, both ranks
     assert (tmp_path / "out" / "checkpoints" / "update-000002" / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_update_trains_and_resumes_to_the_uninterrupted_update(world, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root, _ = world
+    repo = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-m", "streamvln.rl", "--checkpoint", str(root / "ckpt"), "--episodes",
+            str(root / "train.json.gz"), "--width", "32", "--height", "24", "--num-envs", "2", "--deepspeed",
+            str(repo / "configs/deepspeed/zero2.json")]
+    for item in ("max_steps_per_episode=12", "num_episodes_per_update=2", "tensorboard=false", "learning_rate=0.001",
+                 "temperature=1.0", "mini_batch_size=2"):
+        args += ["--set", item]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+
+    def run(out, updates, *extra):
+        r = subprocess.run([*args, "--output-dir", str(out), "--num-updates", str(updates), *extra],
+                           capture_output=True, text=True, env=env, cwd=repo)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full", 2)
+    run(tmp_path / "cut", 1)
+    cut = run(tmp_path / "cut", 2, "--resume")
+    timing = {"rollout_time", "update_time", "env_steps_per_s"}
+    assert {k: v for k, v in cut[-1].items() if k not in timing} == {k: v for k, v in full[-1].items() if k not in timing}
+    assert full[-1]["policy_decisions"] > 0 and (tmp_path / "full" / "checkpoints" / "update-000002" / "engine").is_dir()
+    a = load_file(tmp_path / "full" / "checkpoints" / "update-000002" / "trainable.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "update-000002" / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

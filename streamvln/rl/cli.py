@@ -38,11 +38,13 @@ def parse_sets(values: tuple[str, ...]) -> dict:
 @click.option("--group-size", type=int, help="Override group_size.")
 @click.option("--num-envs", type=int, help="Override num_envs.")
 @click.option("--disable-recovery", is_flag=True, help="No expert intervention (enable_recovery: false).")
+@click.option("--deepspeed", "ds_config", type=click.Path(dir_okay=False, exists=True),
+              help="Run the update through a DeepSpeed engine (configs/deepspeed/zero2.json).")
 @click.option("--max-episodes", type=int, help="Train on the first N episodes only.")
 @click.option("--width", default=224, show_default=True, help="Simulator image width.")
 @click.option("--height", default=168, show_default=True, help="Simulator image height.")
 def main(checkpoint, episodes_path, config_path, output_dir, resume, sets, num_updates, group_size, num_envs,
-         disable_recovery, max_episodes, width, height):
+         disable_recovery, ds_config, max_episodes, width, height):
     """GRPO + SFT hybrid RL with expert intervention on the simulator's episodes (docs/rl.md); `torchrun -m
     streamvln.rl` for several processes."""
     import os
@@ -59,6 +61,8 @@ def main(checkpoint, episodes_path, config_path, output_dir, resume, sets, num_u
                                         ("num_envs", num_envs)) if v is not None})
     if disable_recovery:
         overrides["enable_recovery"] = False
+    if ds_config:
+        overrides["deepspeed"] = ds_config
     try:
         cfg = load_rl_config(config_path, **overrides)
         episodes = read_episodes(episodes_path)[:max_episodes]

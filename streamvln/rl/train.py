@@ -23,7 +23,7 @@ from streamvln.agent.streaming import AgentConfig, StreamingAgent
 
 from .config import RLConfig
 from .policy import Member, RLPolicy
-from .update import update_policy
+from .update import EngineStep, TorchStep, update_policy
 
 CKPT = "update-"
 
@@ -53,24 +53,62 @@ def load_policy_model(checkpoint: str, cfg: RLConfig):
     return agent
 
 
+def deepspeed_engine(model, optimizer, cfg: RLConfig):
+    """The update through a DeepSpeed engine configured by cfg.deepspeed (configs/deepspeed/zero2.json):
+    one micro-batch per step, the config's clipping, bf16 on GPUs."""
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from streamvln.train import init_distributed
+
+    if not torch.distributed.is_initialized():
+        init_distributed()
+    ds = json.loads(Path(cfg.deepspeed).read_text())
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm,
+              bf16={"enabled": torch.cuda.is_available()}, steps_per_print=10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) in (1, 2):
+        zero.setdefault("elastic_checkpoint", True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine
+
+
 def trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(out: Path, model, optimizer, updates: int, cfg: RLConfig) -> None:
-    """checkpoints/update-NNNNNN: trainable weights, optimizer state, state.json last (marks it complete)."""
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def save(out: Path, model, optimizer, updates: int, cfg: RLConfig, engine=None, rank: int = 0, world: int = 1):
+    """checkpoints/update-NNNNNN: trainable weights, optimizer state (a DeepSpeed engine's own files
+    under engine/), state.json last (marks it complete). A collective when there are several ranks."""
     final = out / "checkpoints" / f"{CKPT}{updates:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"updates": updates, "config": asdict(cfg)}, indent=1) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(p for p in (out / "checkpoints").glob(f"{CKPT}*") if p.is_dir() and not p.name.endswith(".tmp"))[
-            : -cfg.keep_checkpoints]:
-        shutil.rmtree(old)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world)
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag="engine")
+    _barrier(world)
+    if rank == 0:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        if engine is None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"updates": updates, "config": asdict(cfg)}, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        done = sorted(p for p in (out / "checkpoints").glob(f"{CKPT}*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    _barrier(world)
 
 
 # what may change on resume: how long to train, how often to save, where to log
@@ -78,7 +116,7 @@ RESUMABLE_CHANGES = {"num_updates", "save_every", "keep_checkpoints", "tensorboa
                      "wandb_run_name"}
 
 
-def resume(out: Path, model, optimizer, cfg: RLConfig) -> int:
+def resume(out: Path, model, optimizer, cfg: RLConfig, engine=None) -> int:
     """Updates done by the newest complete checkpoint (0 if none); refuses a config that changes the run."""
     found = sorted(p for p in (out / "checkpoints").glob(f"{CKPT}*") if (p / "state.json").exists())
     if not found:
@@ -92,7 +130,12 @@ def resume(out: Path, model, optimizer, cfg: RLConfig) -> int:
     missing = model.load_state_dict(weights, strict=False)
     if missing.unexpected_keys:
         raise ValueError(f"{found[-1]}: unexpected weights {missing.unexpected_keys[:3]}")
-    optimizer.load_state_dict(torch.load(found[-1] / "optimizer.pt", weights_only=True))
+    if engine is not None:
+        from streamvln.checkpoint import load_engine
+
+        load_engine(engine, found[-1], "engine")  # weights_only; on another number of ranks too
+    else:
+        optimizer.load_state_dict(torch.load(found[-1] / "optimizer.pt", weights_only=True))
     return int(state["updates"])
 
 
@@ -187,7 +230,9 @@ def train_rl(cfg: RLConfig, checkpoint: str, episodes: list, out: Path, sims, do
     agent = load_policy_model(checkpoint, cfg)
     params = [p for p in agent.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    start = resume(out, agent.model, optimizer, cfg) if do_resume else 0
+    engine = deepspeed_engine(agent.model, optimizer, cfg) if cfg.deepspeed else None
+    step = EngineStep(engine, params) if engine else TorchStep(optimizer, params, cfg.max_grad_norm, world)
+    start = resume(out, agent.model, optimizer, cfg, engine) if do_resume else 0
     if not do_resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
     policy = RLPolicy(agent, sims, cfg)
@@ -201,7 +246,7 @@ def train_rl(cfg: RLConfig, checkpoint: str, episodes: list, out: Path, sims, do
         t0 = time.perf_counter()
         trajectories = [r.info for r in rollout(sims, policy, members)]  # step: roll out the groups
         seconds = time.perf_counter() - t0
-        stats = update_policy(agent, optimizer, trajectories, cfg, u, rank, world)  # step: the update
+        stats = update_policy(agent, step, trajectories, cfg, u, rank, world)  # step: the update
         runs, updates = gather(summaries(trajectories), world), gather(stats, world)
         row = {"update": u + 1, **rollout_stats([t for r in runs for t in r], seconds), **merge_update_stats(updates)}
         if rank == 0:  # log
@@ -210,10 +255,7 @@ def train_rl(cfg: RLConfig, checkpoint: str, episodes: list, out: Path, sims, do
                 f"oracle {row['oracle_rate']:.2f} policy loss {row['policy_loss']:+.4f} sft {row['sft_loss']:.3f} "
                 f"(w {row['sft_weight']:.2f}) rollouts {row['rollout_time']:.1f}s update {row['update_time']:.1f}s")
         if (u + 1) % cfg.save_every == 0 or u + 1 == cfg.num_updates:  # save
-            if rank == 0:
-                save(out, agent.model, optimizer, u + 1, cfg)
-            if world > 1:
-                torch.distributed.barrier()
+            save(out, agent.model, optimizer, u + 1, cfg, engine, rank, world)
     if logger:
         logger.close()
     return {"agent": agent, "last": row}

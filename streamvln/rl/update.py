@@ -61,26 +61,51 @@ def _steps_everywhere(n: int, world: int) -> int:
     return int(t)
 
 
-def _average_gradients(params: list, world: int) -> None:
-    if world == 1:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
-                      for p in params])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
-        offset += n
+class TorchStep:
+    """zero grads, backward, average over ranks (all-reduce), clip, AdamW step; returns the grad norm."""
+
+    def __init__(self, optimizer, params: list, max_grad_norm: float, world: int = 1):
+        self.optimizer, self.params, self.max_grad_norm, self.world = optimizer, params, max_grad_norm, world
+
+    def __call__(self, loss) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss is not None and loss.requires_grad:
+            loss.backward()
+        if self.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = torch.cat([g.reshape(-1).float().cpu() for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for p in self.params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
+                offset += p.numel()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        self.optimizer.step()
+        return norm
 
 
-def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, update: int, rank: int = 0,
+class EngineStep:
+    """The same through a DeepSpeed engine (its ZeRO optimizer averages over ranks and clips)."""
+
+    def __init__(self, engine, params: list):
+        self.engine, self.params = engine, params
+
+    def __call__(self, loss) -> float:
+        if loss is None or not loss.requires_grad:  # a zero-gradient step: the engine's collectives still run
+            loss = sum((p * 0).sum() for p in self.params)
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+
+def update_policy(agent, step, trajectories: list[dict], cfg: RLConfig, update: int, rank: int = 0,
                   world: int = 1) -> dict:
-    """This rank's groups; with several ranks, gradients are averaged over them at every step."""
+    """This rank's groups; `step(loss)` is one optimizer step (TorchStep or EngineStep), which averages
+    the gradients over the ranks."""
     start = time.perf_counter()
     model = agent.model
-    params = [p for p in model.parameters() if p.requires_grad]
     pg, sft, w = collect_items(trajectories, cfg, update)
     rng = np.random.default_rng([cfg.seed, update, rank])
     plans = [_minibatches(len(pg), cfg.mini_batch_size, rng) for _ in range(cfg.ppo_epochs)]
@@ -99,10 +124,7 @@ def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, upd
         batches = list(batches) + [None] * (_steps_everywhere(len(batches), world) - len(batches))
         for j, batch in enumerate(batches):
             if batch is None:  # out of minibatches here, not on another rank: a zero-gradient step
-                optimizer.zero_grad(set_to_none=True)
-                _average_gradients(params, world)
-                stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
-                optimizer.step()
+                stats["grad_norm"].append(step(None))
                 continue
             loss = torch.zeros((), device=agent.device)
             if len(batch):
@@ -124,12 +146,7 @@ def update_policy(agent, optimizer, trajectories: list[dict], cfg: RLConfig, upd
                 sft_loss = (weights * nll).sum() / len(take)
                 loss = loss + sft_loss
                 stats["sft_loss"].append(float((nll * weights).sum().detach() / weights.sum()))
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-            _average_gradients(params, world)
-            stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
-            optimizer.step()
+            stats["grad_norm"].append(step(loss))
     model.eval()
     ratios = np.array(stats["ratio"]) if stats["ratio"] else np.ones(1)
     return {

@@ -19,7 +19,7 @@ from streamvln.agent.rollout import rollout  # noqa: E402
 from streamvln.rl.config import load_rl_config  # noqa: E402
 from streamvln.rl.policy import Member, RLPolicy  # noqa: E402
 from streamvln.rl.train import load_policy_model  # noqa: E402
-from streamvln.rl.update import update_policy  # noqa: E402
+from streamvln.rl.update import TorchStep, update_policy  # noqa: E402
 from streamvln.sim.base import SimConfig  # noqa: E402
 from streamvln.sim.episodes import read_episodes  # noqa: E402
 from streamvln.sim.miniworld_sim import MiniWorldSim  # noqa: E402
@@ -47,8 +47,9 @@ def main():
             trajectories = [r.info for r in rollout(sims, policy, members)]
             seconds = time.perf_counter() - start
             steps = sum(len(t["steps"]) for t in trajectories)
-            optimizer = torch.optim.AdamW([p for p in agent.model.parameters() if p.requires_grad], lr=1e-4)
-            stats = update_policy(agent, optimizer, trajectories, cfg, 0)
+            params = [p for p in agent.model.parameters() if p.requires_grad]
+            step = TorchStep(torch.optim.AdamW(params, lr=cfg.learning_rate), params, cfg.max_grad_norm)
+            stats = update_policy(agent, step, trajectories, cfg, 0)
         finally:
             for s in sims:
                 s.close()
