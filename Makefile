@@ -24,7 +24,7 @@ DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/t
 	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install tokenizer demo-data sim-data shards dagger demo demo-dagger test bench clean
+.PHONY: help install tokenizer demo-data sim-data shards dagger demo demo-dagger demo-rl test bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -138,6 +138,27 @@ demo-dagger: | $(VENV)/.installed  ## DAgger's effect: stage 1 fine-tuned with v
 	@for r in demo demo_dagger demo_dagger_relabel demo_dagger_control; do $(PY) -c "import json,sys; s=json.load(open(sys.argv[1]))['val_unseen']; \
 		print(f\"  {sys.argv[2]:<22} SR {s['success']:.3f}  SPL {s['spl']:.3f}  nDTW {s['ndtw']:.3f}  NE {s['navigation_error']:.2f}  OS {s['oracle_success']:.3f}  collisions {s['collisions']:.1f}\")" \
 		runs/$$r/nav_eval/summary.json $$r || exit 1; done
+
+# After make demo: the GRPO + SFT hybrid stage on the stage-1 model (configs/rl/demo.yaml) and, as the fair
+# control, supervised training continued from the same model on the same data for the same wall-clock time;
+# both in closed loop on the held-out scenes, beside stage 1.
+RL_RUN := --episodes $(SIM)/episodes/train.json.gz --config configs/rl/demo.yaml --width 224 --height 168
+demo-rl: | $(VENV)/.installed  ## the RL stage vs continued supervised training for the same time, closed loop before/after
+	@test -d runs/demo/final || { echo "no runs/demo/final: run make demo first"; exit 2; }
+	rm -rf runs/demo_rl runs/demo_rl_control
+	$(BIN)/streamvln-rl --checkpoint runs/demo/final $(RL_RUN) --output-dir runs/demo_rl
+	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo_rl_control.yaml \
+		--max-steps $$(tools/same_time_steps runs/demo_rl runs/demo) --output-dir runs/demo_rl_control
+	test -f runs/demo/nav_eval/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval
+	for r in demo_rl demo_rl_control; do $(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(NAV_EVAL) --output runs/$$r/nav_eval || exit 1; done
+	@echo "closed loop on val_unseen: stage 1, after the RL stage, after the same time of supervised training:"
+	@for r in demo demo_rl demo_rl_control; do $(PY) -c "import json,sys; s=json.load(open(sys.argv[1]))['val_unseen']; \
+		print(f\"  {sys.argv[2]:<18} SR {s['success']:.3f}  SPL {s['spl']:.3f}  nDTW {s['ndtw']:.3f}  NE {s['navigation_error']:.2f}  OS {s['oracle_success']:.3f}  collisions {s['collisions']:.1f}\")" \
+		runs/$$r/nav_eval/summary.json $$r || exit 1; done
+	@$(PY) -c "import json; rows=[json.loads(l) for l in open('runs/demo_rl/metrics.jsonl')]; k=max(1,len(rows)//5); \
+		f=lambda rs,m: sum(r[m] for r in rs)/len(rs); \
+		print('RL training rollouts, first and last fifth of the updates:'); \
+		[print(f'  {n:<6} SR {f(rs,\"sr\"):.3f}  SPL {f(rs,\"spl\"):.3f}  oracle rate {f(rs,\"oracle_rate\"):.3f}  interventions/rollout {f(rs,\"intervention_rate\"):.2f}  return {f(rs,\"return\"):+.2f}') for n,rs in (('first',rows[:k]),('last',rows[-k:]))]"
 
 test: install tokenizer  ## run the test suite (installs what it needs)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
