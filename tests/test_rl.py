@@ -401,3 +401,16 @@ def test_deepspeed_update_trains_and_resumes_to_the_uninterrupted_update(world, 
     a = load_file(tmp_path / "full" / "checkpoints" / "update-000002" / "trainable.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "update-000002" / "trainable.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_disabled_recovery_means_no_intervention_at_all(sim):
+    cfg = RLConfig(enable_recovery=False, goal_grace_steps=1, goal_stop_patience=1, offtrack_patience=1)
+    sim.reset(EPISODE)
+    sim.teleport([1.5, 0.0, 3.5], EAST)  # far off the path
+    iv = Intervention(cfg, EPISODE)
+    assert walk(sim, iv, cfg, lambda s: LEFT, 6) == (["policy"] * 6, "running") and iv.recoveries == 0
+    assert iv.review(STOP, 50.0) == "execute"  # a far STOP is executed, as in plain GRPO
+    sim.reset(EPISODE)
+    sim.teleport([7.0, 0.0, 1.0], EAST)
+    iv = Intervention(cfg, EPISODE)
+    assert walk(sim, iv, cfg, lambda s: LEFT, 5) == (["policy"] * 5, "running")  # no forced STOP either

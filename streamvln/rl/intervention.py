@@ -121,7 +121,9 @@ class Intervention:
 
     def review(self, action: int, d_geo: float) -> str:
         cfg = self.cfg
-        if action == STOP and d_geo > cfg.goal_radius and cfg.enable_recovery:
+        if not cfg.enable_recovery:  # no intervention of any kind: plain GRPO (+ SFT on labels)
+            return "execute"
+        if action == STOP and d_geo > cfg.goal_radius:
             return "premature_stop"
         if (action != STOP and cfg.goal_stop_patience > 0 and self.in_zone > cfg.goal_grace_steps
                 and self.after_grace >= cfg.goal_stop_patience):
