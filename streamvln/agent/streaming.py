@@ -3,9 +3,11 @@
 Per environment the agent keeps the episode's frames, a bounded cache of their visual tokens, the
 window's KV cache and the queue of parsed actions. `act` takes one observation per environment and
 returns one action each; the environments whose queue is empty are decided together: their new
-frames go through the vision tower in one call, and their language-model prefill and greedy
-decoding run as one batch over padded KV caches (each environment's own positions continue, pads
-are masked). A window ends every `num_frames` steps (KV dropped, frames and queue kept, as the
+frames go through the vision tower in one call, and their language-model prefill and decoding
+(greedy, or sampled from each environment's own seeded generator) run as one batch over padded KV
+caches (each environment's own positions continue, pads are masked). Each decision keeps its
+context as pieces (turn ids with their frames, answers fed back), from which RL recomputes its
+probability exactly. A window ends every `num_frames` steps (KV dropped, frames and queue kept, as the
 reference); the next query opens a new window, and whenever that happens after step 0 the memory
 frames are attached, so the reference's crash (issue #80: `<memory>` with no frames) cannot occur.
 """
