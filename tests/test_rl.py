@@ -414,3 +414,18 @@ def test_disabled_recovery_means_no_intervention_at_all(sim):
     sim.teleport([7.0, 0.0, 1.0], EAST)
     iv = Intervention(cfg, EPISODE)
     assert walk(sim, iv, cfg, lambda s: LEFT, 5) == (["policy"] * 5, "running")  # no forced STOP either
+
+
+def test_logger_writes_jsonl_tensorboard_and_an_offline_wandb_run(tmp_path, monkeypatch):
+    import json
+
+    from streamvln.rl.train import Logger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default: no network, no account
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = Logger(tmp_path, RLConfig(use_wandb=True, tensorboard=True, wandb_run_name="test"))
+    logger.write({"update": 1, "sr": 0.25, "outcomes": {"stop": 1}})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["sr"] == 0.25
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
