@@ -343,7 +343,8 @@ def test_reference_config_is_the_defaults_and_the_demo_config_loads():
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_split_the_groups_and_stay_in_sync(world, tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_two_ranks_under_torchrun_split_the_groups_and_stay_in_sync(world, tmp_path, engine):
     import json
     import os
     import subprocess
@@ -355,8 +356,11 @@ def test_two_ranks_under_torchrun_split_the_groups_and_stay_in_sync(world, tmp_p
     torchrun = Path(sys.executable).parent / "torchrun"
     sets = ["num_updates=2", "num_episodes_per_update=2", "group_size=2", "num_envs=2", "max_steps_per_episode=12",
             "tensorboard=false", "mini_batch_size=2", "learning_rate=0.001", "temperature=1.0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29641",
+    if engine == "deepspeed":
+        sets.append(f"deepspeed={repo / 'configs/deepspeed/zero2.json'}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "DS_ACCELERATOR": "cpu"}
+    port = "29641" if engine == "torch" else "29643"
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", port,
                              str(repo / "tests" / "rl_dist_check.py"), str(root / "ckpt"), str(root / "train.json.gz"),
                              str(tmp_path / "out"), *sets], capture_output=True, text=True, env=env, cwd=repo)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -364,6 +368,8 @@ def test_two_ranks_under_torchrun_split_the_groups_and_stay_in_sync(world, tmp_p
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == [1, 2] and all(r["rollouts"] == 4 for r in rows)  # 2 episodes x 2, both ranks
     assert (tmp_path / "out" / "checkpoints" / "update-000002" / "state.json").exists()
+    if engine == "deepspeed":  # every rank wrote its optimizer partition into the update's folder
+        assert len(list((tmp_path / "out" / "checkpoints" / "update-000002" / "engine").glob("zero_pp_rank_*"))) == 2
 
 
 @pytest.mark.slow
