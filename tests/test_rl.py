@@ -370,6 +370,15 @@ def test_two_ranks_under_torchrun_split_the_groups_and_stay_in_sync(world, tmp_p
     assert (tmp_path / "out" / "checkpoints" / "update-000002" / "state.json").exists()
     if engine == "deepspeed":  # every rank wrote its optimizer partition into the update's folder
         assert len(list((tmp_path / "out" / "checkpoints" / "update-000002" / "engine").glob("zero_pp_rank_*"))) == 2
+        # and the run continues on one process: the two partitions are merged and re-cut
+        more = [a for item in sets if not item.startswith("num_updates") for a in ("--set", item)]
+        result = subprocess.run([sys.executable, "-m", "streamvln.rl", "--checkpoint", str(root / "ckpt"), "--episodes",
+                                 str(root / "train.json.gz"), "--output-dir", str(tmp_path / "out"), "--width", "32",
+                                 "--height", "24", "--num-updates", "3", "--resume", *more],
+                                capture_output=True, text=True, env=env, cwd=repo)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["update"] for r in rows] == [1, 2, 3] and rows[-1]["rollouts"] == 4
 
 
 @pytest.mark.slow
