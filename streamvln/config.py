@@ -54,6 +54,7 @@ class TrainConfig:
     eval_shards: str | None = None  # a data-mix YAML of held-out shards
     eval_batches: int | None = None  # None: the whole eval epoch
     tensorboard: bool = False
+    log_samples: bool = False  # samples.rank<r>.jsonl: the keys of every micro-batch each rank trained on
 
     def validate(self):
         if (self.model_config is None) == (self.checkpoint is None):

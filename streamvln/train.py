@@ -171,6 +171,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
         step = state["step"]
     names = [t.name for t in mix.tasks]
     metrics = Metrics(out_dir, names, rank, cfg.tensorboard, device)
+    sample_log = open(out_dir / f"samples.rank{rank}.jsonl", "a", buffering=1) if cfg.log_samples else None
     eval_mix = load_mix(cfg.eval_shards, finite=True, batch_size=mix.batch_size) if cfg.eval_shards else None
     result = {}
 
@@ -188,6 +189,8 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
             engine.backward(out["loss_sum"] * scale if cfg.loss_normalization == "global_tokens" else out["loss"])
             engine.step()
             metrics.add(batch, out, wait if i == 0 else 0.0)
+            if sample_log:
+                sample_log.write(json.dumps({"step": step + 1, "micro": i, "keys": batch["keys"]}) + "\n")
         step += 1
         bar.update()
         if step % cfg.log_every == 0 or step == total_steps:  # log
@@ -208,6 +211,8 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
             if rank == 0:
                 bar.write(format_report(result))
     steps.close()  # stops the loader's workers
+    if sample_log:
+        sample_log.close()
     bar.close()
 
     # ------------------------------------------------------------ export
