@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import task_dir
-from .config import ConfigError, MMC4ShardConfig, NavShardConfig, ScanQAShardConfig, VideoQAShardConfig, load_config
+from .config import CalvinShardConfig, ConfigError, MMC4ShardConfig, NavShardConfig, ScanQAShardConfig, VideoQAShardConfig, load_config
 from .reader import AnnotationError
 
 
@@ -189,6 +189,31 @@ def mmc4(files, image_root, tokenizer_path, out, config_path, workers, part, num
                  workers, part, num_parts, overwrite, quiet, options)
 
 
+@main.command()
+@click.option("--src", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A CALVIN split folder (episode_XXXXXXX.npz frames, lang_annotations/auto_lang_ann.npy).")
+@run_options
+@click.option("--window", type=int, help="W, observation steps per sample [8].")
+@click.option("--chunk", type=int, help="N, actions per step's chunk [10].")
+@click.option("--skip-frames", type=int, help="Stride between sample start frames [1].")
+@click.option("--use-hand-rgb/--no-hand-rgb", default=None, help="Also store the gripper camera [yes].")
+@click.option("--normalization", type=click.Choice(["calvin", "q99"]),
+              help="calvin: clip +-0.65 and scale; q99: q01/q99 bounds from the config [calvin].")
+@click.option("--source", help="Source name in the index [the split folder's parent's name].")
+def calvin(src, tokenizer_path, out, config_path, workers, part, num_parts, overwrite, quiet, **options):
+    """Write manipulation shards (shards/manip) from a CALVIN-format split: RoboVLMs' windows and action chunks."""
+    from .manip import run_calvin
+    from .task_dir import PlanMismatch
+
+    try:
+        cfg = load_config(CalvinShardConfig, config_path, options)
+        summary = run_calvin(src, out, cfg, tokenizer_path, workers=workers, part=part, num_parts=num_parts,
+                             overwrite=overwrite, progress=not quiet)
+    except (ConfigError, AnnotationError, PlanMismatch, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_summary(summary))
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['out']} [{summary['split']}]: {summary['shards_written']} shards written, "
              f"{summary['shards_skipped']} already done, {summary['shards_planned']} planned"]
@@ -197,7 +222,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{summary['shards_missing']} shards of this split are still to be written by other parts")
         return "\n".join(lines)
     c = manifest["counts"]
-    unit = "episodes" if summary["task"] == "nav" else "records"
+    unit = {"nav": "episodes", "manip": "spans"}.get(summary["task"], "records")
     lines.append(f"{unit}: {c['episodes_in']} in = {c['episodes_written']} written + {c['episodes_rejected']} rejected")
     lines.append(f"samples: {c['samples_written']} written, {c['samples_rejected']} rejected")
     for source, s in manifest["per_source"].items():

@@ -188,3 +188,35 @@ class MMC4ShardConfig(CotrainShardConfig):
         _check_positive(self, "max_images")
         if self.image_choice not in ("reference", "sentence_order"):
             raise ConfigError(f"image_choice must be 'reference' or 'sentence_order', got {self.image_choice!r}")
+
+
+@dataclass
+class CalvinShardConfig:
+    """Options of `streamvln-shards calvin`; defaults are RoboVLMs' CALVIN fine-tuning (robovlms.md (a), (e))."""
+
+    window: int = 8  # W: observation steps per sample
+    chunk: int = 10  # N: actions predicted per step (t..t+N-1)
+    skip_frames: int = 1  # stride between a span's sample start frames
+    use_hand_rgb: bool = True  # also store the gripper camera (frames W..2W-1 of a sample)
+    normalization: str = "calvin"  # calvin: clip +-0.65, scale to [-1, 1]; q99: per-dimension q01/q99 bounds
+    q01: list[float] | None = None  # q99 only: the 7 lower bounds (the gripper's are not used)
+    q99: list[float] | None = None
+    exclude_tasks: list[str] | None = None  # spans of these tasks are left out (counted)
+    prompt: str = "What action should the robot take to {instruction}?"  # RoboVLMs' action-prediction prompt
+    source: str | None = None  # the index's source name (default: the split folder's parent's name)
+    image_size: int = 224  # RoboVLMs' image_size; both cameras resized to it once, here
+    jpeg_quality: int = 95
+    samples_per_shard: int = 256  # a shard holds whole spans, so it can exceed this
+    max_tokens: int = 32768
+    seed: int = 0
+    split: str = "train"
+
+    def validate(self):
+        _check_positive(self, "window", "chunk", "skip_frames", "image_size", "samples_per_shard", "max_tokens")
+        if self.normalization not in ("calvin", "q99"):
+            raise ConfigError(f"normalization must be 'calvin' or 'q99', got {self.normalization!r}")
+        if self.normalization == "q99" and not (self.q01 and self.q99 and len(self.q01) == len(self.q99) == 7):
+            raise ConfigError("normalization q99 needs q01 and q99: 7 values each (e.g. from the dataset's statistics)")
+        if "{instruction}" not in self.prompt:
+            raise ConfigError("prompt must contain {instruction}")
+        _check_output(self)

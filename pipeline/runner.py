@@ -39,13 +39,15 @@ class Sample:
     row: dict  # the index.parquet columns of INDEX_FIELDS
     frame_record: FrameRecord | None = None
     frame_refs: list[int] | None = None  # positions in frame_record, in the sample's frame order
+    arrays: dict[str, np.ndarray] | None = None  # further .npy members (a manipulation sample's actions)
 
     def members(self, frame_ranges: list[tuple[int, int]] | None = None) -> list[tuple[str, bytes]]:
         """json (+ frame_ranges: where in the shard its referenced frames are), tokens, own frames."""
         meta = self.meta if frame_ranges is None else {**self.meta, "frame_ranges": [list(r) for r in frame_ranges]}
         frames = [(f"f{i:03d}.jpg", jpg) for i, jpg in enumerate(self.frames)]
         return [("json", json_bytes(meta)), ("input_ids.npy", npy_bytes(self.input_ids)),
-                ("labels.npy", npy_bytes(self.labels)), *frames]
+                ("labels.npy", npy_bytes(self.labels)),
+                *((name, npy_bytes(a)) for name, a in (self.arrays or {}).items()), *frames]
 
 
 # A task's unit of input (a trajectory, a video conversation, a document) -> its samples and rejects.

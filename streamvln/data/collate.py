@@ -55,7 +55,15 @@ def collate(samples: list[dict], *, pad_id: int, max_tokens: int, image_size: in
         images[i, len(s["frames"]) :] = 0  # padding frames are zeros, as the reference's
         time_ids[i, : len(s["time_ids"])] = torch.tensor(s["time_ids"], dtype=torch.long)
     n_images = torch.tensor([len(s["frames"]) for s in samples], dtype=torch.long)
-    return {
+    extra = {}
+    if "actions" in samples[0]:  # manipulation samples: [B, W, N, 7] normalised actions, [B, W, N] mask
+        shapes = {s["actions"].shape for s in samples}
+        if len(shapes) != 1:
+            raise ValueError(f"manipulation samples of different window/chunk shapes in one batch: {sorted(shapes)}")
+        extra = {"actions": torch.from_numpy(np.stack([s["actions"] for s in samples])),
+                 "action_mask": torch.from_numpy(np.stack([s["action_mask"] for s in samples])),
+                 "manip_tasks": [s["manip_task"] for s in samples]}
+    return {**extra,
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": input_ids.ne(pad_id),

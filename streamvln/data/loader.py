@@ -13,7 +13,7 @@ from .collate import collate
 from .config import MixConfig
 from .decode import FrameDecodeError, augment, decode_jpeg
 from .schedule import Schedule, TaskStream
-from .shards import CorruptSample, SampleReader, TaskData, load_task
+from .shards import TASK_IDS, CorruptSample, SampleReader, TaskData, load_task
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 1: before elastic resume (still read)
@@ -40,6 +40,10 @@ class MixPlan:
             if t.image_size != mix.image_size:
                 raise ValueError(f"task {t.name!r} was sharded at image size {t.image_size}, the mix expects "
                                  f"{mix.image_size} (image_size in the mix config)")
+        manip = [t.task_id == TASK_IDS["manip"] for t in self.tasks]
+        if any(manip) and not all(manip):
+            raise ValueError("manipulation task folders cannot be mixed with text tasks in one mix (the VLA model "
+                             "trains on actions, the others on tokens): " + ", ".join(t.name for t in self.tasks))
         self.pad_id = self.tasks[0].tokenizer["pad_token_id"]
         global_batch = mix.batch_size * world_size
         weights = None if mix.tasks[0].weight is None else [t.weight for t in mix.tasks]
@@ -73,9 +77,13 @@ class MixPlan:
                 raise CorruptSample(f"{path}: sample {key}: {e}") from None
             frames.append(augment(img, rng) if rng is not None else img)
         meta = sample["meta"]
-        return {"input_ids": sample["input_ids"], "labels": sample["labels"], "frames": frames,
-                "time_ids": meta.get("time_ids", []), "n_history": meta.get("n_history", 0),
-                "task_id": data.task_id, "mix_id": task, "key": key}
+        out = {"input_ids": sample["input_ids"], "labels": sample["labels"], "frames": frames,
+               "time_ids": meta.get("time_ids", []), "n_history": meta.get("n_history", 0),
+               "task_id": data.task_id, "mix_id": task, "key": key}
+        if "actions" in sample:  # manipulation: the action chunks, their mask, the span's task
+            out.update(actions=sample["actions"], action_mask=sample["action_mask"].astype(bool),
+                       manip_task=meta.get("manip_task", ""))
+        return out
 
     def build_batch(self, reader: SampleReader, b: int) -> dict:
         samples, skipped = [], []

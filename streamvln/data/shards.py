@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 from pipeline.shard_writer import MAX_FRAME_BYTES, READABLE_SCHEMAS
 from pipeline.task_dir import load_manifest
 
-TASK_IDS = {"nav": 0, "videoqa": 1, "scanqa": 2, "mmc4": 3}  # the reference's task ids
+TASK_IDS = {"nav": 0, "videoqa": 1, "scanqa": 2, "mmc4": 3, "manip": 4}  # the reference's, then manipulation
 FRAME_MEMBER = re.compile(r"f\d{3}\.jpg")
 TOKEN_MEMBERS = ("input_ids.npy", "labels.npy")
+ACTION_MEMBERS = ("actions.npy", "action_mask.npy")  # manipulation samples
 
 
 class CorruptSample(ValueError):
@@ -178,12 +179,13 @@ def parse_members(blob: bytes, path: str, key: str) -> dict:
                 member_key, _, ext = info.name.partition(".")
                 if member_key != key or not info.isfile():
                     raise CorruptSample(f"{path}: member {info.name!r} does not belong to sample {key}")
-                if not (ext == "json" or ext in TOKEN_MEMBERS or FRAME_MEMBER.fullmatch(ext)):
+                if not (ext == "json" or ext in TOKEN_MEMBERS or ext in ACTION_MEMBERS or FRAME_MEMBER.fullmatch(ext)):
                     raise CorruptSample(f"{path}: sample {key} has member {info.name!r}; only json, npy and "
                                         "jpg members are read (nothing is unpickled)")
                 raw[ext] = tar.extractfile(info).read()
         meta = json.loads(raw["json"])
         ids, labels = (np.load(io.BytesIO(raw[m]), allow_pickle=False) for m in TOKEN_MEMBERS)
+        arrays = {m[: -len(".npy")]: np.load(io.BytesIO(raw[m]), allow_pickle=False) for m in ACTION_MEMBERS if m in raw}
     except CorruptSample:
         raise
     except (tarfile.TarError, KeyError, ValueError, OSError) as e:
@@ -194,4 +196,9 @@ def parse_members(blob: bytes, path: str, key: str) -> dict:
     if ids.shape != labels.shape or ids.ndim != 1 or len(frames) != meta.get("n_frames") and "frame_ranges" not in meta:
         raise CorruptSample(f"{path}: sample {key} is inconsistent (tokens {ids.shape}/{labels.shape}, "
                             f"{len(frames)} frames, json says {meta.get('n_frames')})")
-    return {"meta": meta, "input_ids": ids, "labels": labels, "frames": frames}
+    if arrays and not (set(arrays) == {"actions", "action_mask"} and arrays["actions"].ndim == 3
+                       and arrays["actions"].shape[:2] == arrays["action_mask"].shape and arrays["actions"].shape[2] == 7
+                       and arrays["actions"].dtype == np.float32):
+        raise CorruptSample(f"{path}: sample {key} has inconsistent actions "
+                            f"{ {k: (a.shape, str(a.dtype)) for k, a in arrays.items()} }")
+    return {"meta": meta, "input_ids": ids, "labels": labels, "frames": frames, **arrays}
