@@ -20,6 +20,49 @@ ACTIONS = {76286: "FORWARD", 71858: "LEFT", 51018: "RIGHT", 50669: "STOP"}
 @torch.no_grad()
 def evaluate(model, loader, task_names: list[str], max_batches: int | None = None, device="cpu",
              word_ids: list[int] | None = None) -> dict:
+    if hasattr(model, "count_targets"):  # the VLA model: actions, not tokens
+        return evaluate_actions(model, loader, max_batches, device)
+    return evaluate_tokens(model, loader, task_names, max_batches, device, word_ids)
+
+
+@torch.no_grad()
+def evaluate_actions(model, loader, max_batches: int | None = None, device="cpu") -> dict:
+    """Manipulation windows, per task and overall: arm L1 (normalised space: [-1, 1] per dimension) and gripper
+    accuracy, on the first action of each step's chunk (the one executed) and over the whole chunk; loss.
+    Baselines: the zero arm action and the most common gripper state."""
+    model.eval()
+    stats: dict[str, Counter] = {}
+    for batch in islice(loader, max_batches):
+        batch = to_device(batch, device)
+        out = model(**batch)
+        target, mask, pred = batch["actions"].float(), batch["action_mask"].bool(), out["pred_actions"].float()
+        arm_err = (pred[..., :6] - target[..., :6]).abs().mean(-1)
+        zero_err = target[..., :6].abs().mean(-1)
+        grip_ok = ((pred[..., 6] > 0.5) == (target[..., 6] > 0.5)).float()
+        for i, task in enumerate(batch["manip_tasks"]):
+            for name in (task, "all"):
+                s = stats.setdefault(name, Counter())
+                m, first = mask[i], mask[i, :, 0]
+                s.update(samples=1, loss=float(out["sample_loss_sum"][i]), targets=int(out["sample_tokens"][i]),
+                         positions=int(m.sum()), arm_l1=float(arm_err[i][m].sum()), zero_l1=float(zero_err[i][m].sum()),
+                         grip=float(grip_ok[i][m].sum()), open=float((target[i, ..., 6][m] > 0.5).sum()),
+                         first=int(first.sum()), first_arm_l1=float(arm_err[i, :, 0][first].sum()),
+                         first_zero_l1=float(zero_err[i, :, 0][first].sum()), first_grip=float(grip_ok[i, :, 0][first].sum()))
+    model.train()
+    per_task = {}
+    for name, s in sorted(stats.items()):
+        n, f = max(s["positions"], 1), max(s["first"], 1)
+        per_task[name] = {"samples": s["samples"], "loss": s["loss"] / max(s["targets"], 1),
+                          "arm_l1_first": s["first_arm_l1"] / f, "gripper_accuracy_first": s["first_grip"] / f,
+                          "arm_l1_chunk": s["arm_l1"] / n, "gripper_accuracy_chunk": s["grip"] / n,
+                          "zero_action_arm_l1_first": s["first_zero_l1"] / f, "zero_action_arm_l1_chunk": s["zero_l1"] / n,
+                          "majority_gripper_accuracy": max(s["open"], s["positions"] - s["open"]) / n}
+    return {"actions_scored": 0, "manipulation": per_task, "per_task": {}, "per_action": {}}
+
+
+@torch.no_grad()
+def evaluate_tokens(model, loader, task_names: list[str], max_batches: int | None = None, device="cpu",
+                    word_ids: list[int] | None = None) -> dict:
     """Per mix task: loss and accuracy over every labelled token, and the share of samples whose every labelled
     token is right (teacher-forced: every answer and the always-labelled tokens around the turns); for action
     tokens also next-action accuracy; with word_ids, accuracy where the target is one of those tokens (the
@@ -79,6 +122,11 @@ def evaluate(model, loader, task_names: list[str], max_batches: int | None = Non
 
 def format_report(result: dict) -> str:
     lines = []
+    for t, v in result.get("manipulation", {}).items():
+        lines.append(f"  {t:28s} first action: arm L1 {v['arm_l1_first']:.4f} (zero action {v['zero_action_arm_l1_first']:.4f}), "
+                     f"gripper {v['gripper_accuracy_first']:.3f} (majority {v['majority_gripper_accuracy']:.3f}); "
+                     f"chunk: arm L1 {v['arm_l1_chunk']:.4f}, gripper {v['gripper_accuracy_chunk']:.3f}; "
+                     f"loss {v['loss']:.4f} ({v['samples']} windows)")
     if result["actions_scored"]:
         lines.append(f"next-action accuracy {result['accuracy']:.3f} over {result['actions_scored']} actions; "
                      f"majority baseline ({result['majority_action']}) {result['majority_baseline']:.3f}; "

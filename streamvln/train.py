@@ -80,13 +80,28 @@ def optimizer_steps(loader, grad_accum: int):
                 group, start = [], time.perf_counter()
 
 
-def labelled_tokens(batches: list[dict], world_size: int, device) -> float:
-    """Labelled (trained-on) tokens of an optimizer step's global batch: all micro-batches of all ranks."""
-    n = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)  # position 0 is never a target
+def labelled_tokens(batches: list[dict], world_size: int, device, count=None) -> float:
+    """Labelled (trained-on) tokens of an optimizer step's global batch: all micro-batches of all ranks.
+    `count`: the model's own count of what its loss averages over (the VLA model: action chunk positions)."""
+    count = count or (lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()))  # position 0 is never a target
+    n = sum(count(b) for b in batches)
     total = torch.tensor([float(n)], dtype=torch.float64, device=device)
     if world_size > 1:
         torch.distributed.all_reduce(total)
     return float(total.item())
+
+
+def check_manip_data(config, tasks) -> None:
+    """Refuse manipulation shards written with another action normalisation or window than the VLA model's."""
+    for t in tasks:
+        opts = t.options
+        if opts.get("normalization") != config.action_normalization or (
+                opts.get("normalization") == "q99" and (opts.get("q01"), opts.get("q99")) !=
+                (config.action_q01, config.action_q99)):
+            raise ValueError(f"task {t.name!r}: shards normalised with {opts.get('normalization')!r}, the model "
+                             f"expects {config.action_normalization!r} (action_normalization in the model config)")
+        if opts.get("use_hand_rgb") is False and config.use_hand_rgb:
+            raise ValueError(f"task {t.name!r}: shards without the gripper camera, the model has use_hand_rgb: true")
 
 
 class Metrics:
@@ -170,6 +185,9 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
         checkpoint.load_engine(engine, ckpt_dir, tag)
         step = state["step"]
     names = [t.name for t in mix.tasks]
+    count = getattr(model, "count_targets", None)
+    if count is not None:  # the VLA model: its action normalisation must be the shards'
+        check_manip_data(model.config, loader.plan.tasks)
     metrics = Metrics(out_dir, names, rank, cfg.tensorboard, device)
     sample_log = open(out_dir / f"samples.rank{rank}.jsonl", "a", buffering=1) if cfg.log_samples else None
     eval_mix = load_mix(cfg.eval_shards, finite=True, batch_size=mix.batch_size) if cfg.eval_shards else None
@@ -183,7 +201,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
         # step: forward and backward per micro-batch, the optimizer at the last. global_tokens: each labelled
         # token weighs 1 / (labelled tokens of the global batch), however the batch is split over ranks and
         # micro-batches (DeepSpeed divides by world size x accumulation, so that factor is put back)
-        scale = world_size * cfg.grad_accum / max(1.0, labelled_tokens(batches, world_size, device))
+        scale = world_size * cfg.grad_accum / max(1.0, labelled_tokens(batches, world_size, device, count))
         for i, batch in enumerate(batches):
             out = engine(**to_device(batch, device))
             engine.backward(out["loss_sum"] * scale if cfg.loss_normalization == "global_tokens" else out["loss"])

@@ -44,6 +44,7 @@ class TaskData:
     image_size: int
     fingerprint: list  # per folder: manifest shard sha256s, so resuming over other data is refused
     too_long: int  # samples left out for exceeding the mix's max_tokens
+    options: dict  # the shard options of the (first) folder: e.g. a manipulation folder's normalisation
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -58,7 +59,7 @@ def load_task(name: str, folders: list[str], split: str, sources: list[str] | No
     """
     paths, starts, sizes, shard_col, offsets, lengths, keys, fingerprint = [], [], [], [], [], [], [], []
     too_long = 0
-    task = tokenizer = image_size = None
+    task = tokenizer = image_size = options = None
     for folder in folders:
         manifest = load_manifest(folder)
         if manifest.get("schema_version") not in READABLE_SCHEMAS:
@@ -72,6 +73,7 @@ def load_task(name: str, folders: list[str], split: str, sources: list[str] | No
                 image_size not in (None, info["options"]["image_size"]):
             raise ValueError(f"mix entry {name!r}: {folder} differs from the other folders in task, tokenizer or image size")
         task, tokenizer, image_size = manifest["task"], info["tokenizer"], info["options"]["image_size"]
+        options = options or info["options"]
         fingerprint.append([s["sha256"] for s in info["shards"]])
         filters = [("split", "==", split)] + ([("source", "in", sources)] if sources else [])
         total = pq.read_table(Path(folder) / "index.parquet", columns=["key"], filters=filters).num_rows
@@ -100,7 +102,7 @@ def load_task(name: str, folders: list[str], split: str, sources: list[str] | No
     return TaskData(name, TASK_IDS[task], paths, np.concatenate(starts).astype(np.int64),
                     np.concatenate(sizes).astype(np.int64), np.concatenate(shard_col),
                     np.concatenate(offsets).astype(np.int64), np.concatenate(lengths).astype(np.int64),
-                    np.concatenate(keys), tokenizer, image_size, fingerprint, too_long)
+                    np.concatenate(keys), tokenizer, image_size, fingerprint, too_long, options)
 
 
 class SampleReader:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.calvin import ARM_CLIP
+
 from .tabletop import DOWN, MAX_REL_ORN, MAX_REL_POS, TRAY_SLOTS, TRAY_XY, Tabletop
 from .tasks import block_pos, parse_task
 
 OPEN, CLOSE = 1.0, -1.0
 POS_TOL = 0.006
-PHASE_LIMIT = 45  # steps before a phase gives up and moves on (the task may then fail, as a real controller)
+PHASE_LIMIT = 70  # steps before a phase gives up and moves on (the task may then fail, as a real controller)
+# the expert's relative actions stay within the +-0.65 that RoboVLMs' CALVIN normalisation keeps, so its
+# demonstrations are represented exactly (faster, clipped actions would teach a slower policy than shown)
+LIMIT = ARM_CLIP
 
 
 def wrap(angle: np.ndarray) -> np.ndarray:
@@ -79,5 +84,6 @@ class Expert:
             self.phase, self.count = self.phase + 1, 0
             if name == "close":
                 self.anchor = block_pos(self.env.scene_obs(), self.color)  # lift from where it was grasped
-        action = np.concatenate([np.clip(move / MAX_REL_POS, -1, 1), np.clip(turn / MAX_REL_ORN, -1, 1), [grip]])
+        action = np.concatenate([np.clip(move / MAX_REL_POS, -LIMIT, LIMIT), np.clip(turn / MAX_REL_ORN, -LIMIT, LIMIT),
+                                 [grip]])
         return action.astype(np.float32)

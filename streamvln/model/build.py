@@ -9,29 +9,46 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import StreamVLNConfig
 from .modeling import StreamVLNForCausalLM
+from .vla import StreamVLNVLA, VLAConfig
 
 NO_DECAY = ("bias", "norm", "image_newline")  # biases, RMS/LayerNorm weights, the newline embedding
 
 
-def build_model(model_config: str | None, checkpoint: str | None, dtype=torch.float32) -> StreamVLNForCausalLM:
-    """From scratch (a YAML of StreamVLNConfig keys) or from a local checkpoint directory (never a hub id)."""
+def model_class(model_type: str | None):
+    """llava_qwen (StreamVLN, LLaVA-Video) or streamvln_vla (the manipulation VLA model)."""
+    return StreamVLNVLA if model_type == VLAConfig.model_type else StreamVLNForCausalLM
+
+
+def build_model(model_config: str | None, checkpoint: str | None, dtype=torch.float32, vla: dict | None = None):
+    """From scratch (a YAML of config keys; `model_type: streamvln_vla` for the VLA model) or from a local
+    checkpoint directory (never a hub id). `vla`: VLA keys to load a StreamVLN / LLaVA-Video checkpoint's
+    backbone into a VLA model (its action token and head start fresh)."""
     if checkpoint is not None:
         if not (Path(checkpoint) / "config.json").is_file():
             raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
-        unknown = StreamVLNConfig.unrecognised_keys(json.loads((Path(checkpoint) / "config.json").read_text()))
+        raw = json.loads((Path(checkpoint) / "config.json").read_text())
+        cls = StreamVLNVLA if vla is not None else model_class(raw.get("model_type"))
+        unknown = cls.config_class.unrecognised_keys(raw)
         if unknown:
             warnings.warn(f"{checkpoint}/config.json: keys this model neither uses nor knowingly ignores: "
                           f"{', '.join(unknown)} (see docs/model.md)", stacklevel=2)
-        return StreamVLNForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=dtype,
-                                                    attn_implementation="sdpa")
-    config = StreamVLNConfig(**yaml.safe_load(Path(model_config).read_text()), attn_implementation="sdpa")
-    return StreamVLNForCausalLM(config).to(dtype)
+        extra = {}
+        if vla is not None:
+            raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
+            extra["config"] = VLAConfig(**{**raw, **vla}, attn_implementation="sdpa")
+        return cls.from_pretrained(checkpoint, local_files_only=True, dtype=dtype, attn_implementation="sdpa", **extra)
+    keys = yaml.safe_load(Path(model_config).read_text())
+    model_type = keys.pop("model_type", None)
+    cls = model_class(model_type)
+    config = cls.config_class(**keys, attn_implementation="sdpa")
+    return cls(config).to(dtype)
 
 
 def part_of(name: str) -> str:
     """Which of the reference's tunable parts a parameter belongs to."""
+    if name.startswith(("action_head.", "action_token")):
+        return "action_head"
     if ".vision_tower." in name:
         return "mm_vision_tower"
     if ".mm_projector." in name or name.endswith("image_newline"):
@@ -42,7 +59,7 @@ def part_of(name: str) -> str:
 def set_tunable_parts(model: torch.nn.Module, parts: str) -> None:
     chosen = {p for p in parts.split(",") if p}
     for name, param in model.named_parameters():
-        param.requires_grad_(part_of(name) in chosen)
+        param.requires_grad_(part_of(name) in chosen | {"action_head"})  # the head always trains (RoboVLMs)
 
 
 def apply_lora(model, settings):
@@ -64,7 +81,8 @@ def apply_lora(model, settings):
 def optimizer_groups(model: torch.nn.Module, lr: float, vision_lr: float | None, projector_lr: float | None,
                      weight_decay: float) -> list[dict]:
     """Per part its learning rate; no weight decay on biases and norms. Frozen parameters are left out."""
-    rates = {"mm_vision_tower": vision_lr or lr, "mm_mlp_adapter": projector_lr or lr, "mm_language_model": lr}
+    rates = {"mm_vision_tower": vision_lr or lr, "mm_mlp_adapter": projector_lr or lr, "mm_language_model": lr,
+             "action_head": lr}
     groups: dict[tuple, list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

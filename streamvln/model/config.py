@@ -84,10 +84,10 @@ class StreamVLNConfig(Qwen2Config):
         if self.mm_hidden_size is None:
             self.mm_hidden_size = self.vision_tower_config().hidden_size
 
-    @staticmethod
-    def unrecognised_keys(raw: dict) -> list[str]:
+    @classmethod
+    def unrecognised_keys(cls, raw: dict) -> list[str]:
         """Keys of a config.json that are neither Qwen2's, nor used here, nor knowingly ignored."""
-        known = set(Qwen2Config().to_dict()) | set(StreamVLNConfig().to_dict()) | set(IGNORED_KEYS) | set(CHECKED_KEYS)
+        known = set(Qwen2Config().to_dict()) | set(cls().to_dict()) | set(IGNORED_KEYS) | set(CHECKED_KEYS)
         return sorted(set(raw) - known - {"_name_or_path", "architectures", "transformers_version", "torch_dtype"})
 
     @property
