@@ -24,7 +24,7 @@ def wrap(angle: np.ndarray) -> np.ndarray:
 class Expert:
     """Waypoints are recomputed each step from the block's current pose, so a disturbed block is followed.
 
-    Phases (target, gripper, how it ends): the grasp is above -> down -> close (8 steps) -> up; place
+    Phases (target, gripper, how it ends): a TCP low beside a block first rises clear; the grasp is above -> down -> close (8 steps) -> up; place
     carries the held block over the tray, lowers, opens, rises; a push goes behind the block, down,
     through, up. A block already held skips the grasp.
     """
@@ -42,6 +42,11 @@ class Expert:
             self.phases = ([] if held else grasp) + [("carry", CLOSE), ("lower", CLOSE), ("open", OPEN), ("rise", OPEN)]
         else:
             self.phases = [("behind_above", CLOSE), ("behind", CLOSE), ("push", CLOSE), ("retreat", CLOSE)]
+        # a subtask may start where the last one ended, next to a block: first rise clear of it
+        tcp = env.tcp()[0]
+        if tcp[2] < 0.08 and not held:
+            self.phases = [("clear", self.phases[0][1])] + self.phases
+        self.clear = np.array([tcp[0], tcp[1], 0.10])
         self.sign = 1.0 if self.kind == "push_left" else -1.0
         self.phase, self.count = 0, 0
         self.anchor = None  # the block's position when a push or lift began
@@ -54,7 +59,7 @@ class Expert:
         if self.anchor is None:
             self.anchor = block.copy()
         targets = {
-            "above": block + [0, 0, 0.10], "down": block + [0, 0, -0.005], "close": None,
+            "clear": self.clear, "above": block + [0, 0, 0.10], "down": block + [0, 0, -0.005], "close": None,
             "up": self.anchor + [0, 0, 0.12], "carry": tray + [0, 0, 0.16], "lower": tray + [0, 0, 0.075],
             "open": None, "rise": tray + [0, 0, 0.16],
             "behind_above": self.anchor + [0, -self.sign * 0.065, 0.08],

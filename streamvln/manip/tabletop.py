@@ -78,7 +78,7 @@ class Tabletop:
                                         rgbaColors=[[0.35, 0.35, 0.38, 1]] * 5, physicsClientId=c)
         return pb.createMultiBody(0, col, vis, [*TRAY_XY, 0], physicsClientId=c)
 
-    def reset(self, seed: int) -> dict:
+    def reset(self, seed: int, render: bool = True) -> dict:
         """Blocks at seeded places (apart from each other), the arm at home with the gripper open."""
         rng = np.random.default_rng(seed)
         c = self.client
@@ -101,7 +101,7 @@ class Tabletop:
         self._hold_joints()
         for _ in range(20):  # let the blocks settle
             pb.stepSimulation(physicsClientId=c)
-        return self.observe()
+        return self.observe(render)
 
     def set_state(self, state: dict) -> None:
         """Restore a snapshot from `snapshot()` (CALVIN's reset(robot_obs, scene_obs) for chains)."""

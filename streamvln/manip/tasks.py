@@ -81,7 +81,7 @@ def feasible(task: str, scene: np.ndarray) -> bool:
         return True
     sign = 1.0 if kind == "push_left" else -1.0
     end_y = pos[1] + sign * 0.09
-    if not -0.30 < end_y < 0.14:  # stays off the tray and within reach
+    if not -0.24 < end_y < 0.14:  # stays off the tray and within reach
         return False
     lo, hi = sorted((pos[1] - sign * 0.07, end_y + sign * 0.03))
     for other in COLORS:

@@ -1,0 +1,104 @@
+"""`streamvln-manip`: tabletop demonstrations in CALVIN format (synth) and closed-loop evaluation (eval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .tasks import TASKS
+
+
+@click.group()
+def main():
+    """The manipulation tabletop (pybullet): demonstrations and closed-loop evaluation."""
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes <out>/training and <out>/validation.")
+@click.option("--episodes", default=200, show_default=True, help="Training episodes (each a chain of 1..max-tasks tasks).")
+@click.option("--val-episodes", default=20, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-tasks", default=3, show_default=True, help="Tasks per episode, run one after the other.")
+@click.option("--static-size", default=128, show_default=True, help="Static camera size (CALVIN: 200).")
+@click.option("--gripper-size", default=84, show_default=True, help="Gripper camera size (CALVIN: 84).")
+@click.option("--workers", default=1, show_default=True)
+def synth(out, episodes, val_episodes, seed, max_tasks, static_size, gripper_size, workers):
+    """Write CALVIN-format demonstrations of the scripted expert (resumes an interrupted run)."""
+    from .synth import SynthConfig, synthesize
+
+    try:
+        summary = synthesize(out, SynthConfig(episodes, val_episodes, seed, max_tasks, static_size, gripper_size),
+                             workers=workers)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    for split in ("training", "validation"):
+        s = summary[split]
+        click.echo(f"{Path(out) / split}: {s['episodes']} episodes, {s['frames']} frames, {s['tasks_attempted']} tasks "
+                   f"attempted = {s['spans']} language spans + {len(s['expert_failures'])} expert failures")
+        for task, n in s["per_task"].items():
+            click.echo(f"  {task}: {n}")
+
+
+@main.command("eval")
+@click.option("--checkpoint", type=click.Path(file_okay=False, exists=True), help="An exported VLA model (runs/manip/final).")
+@click.option("--policy", "policy_name", type=click.Choice(["model", "expert", "zero"]), default="model", show_default=True,
+              help="model: the checkpoint; expert: the scripted expert (upper bound); zero: no motion (baseline).")
+@click.option("--tasks", default="all", show_default=True, help="'all' or comma-separated task names.")
+@click.option("--episodes", default=20, show_default=True, help="Initial states per task (single-task success).")
+@click.option("--chains", default=None, type=int, help="5-task chains (CALVIN's protocol) [= --episodes]; 0: none.")
+@click.option("--num-envs", default=4, show_default=True, help="Tabletops stepped together (one model call a step).")
+@click.option("--max-steps", default=240, show_default=True, help="Steps per subtask (CALVIN: 360).")
+@click.option("--execute", type=click.Choice(["first", "chunk"]), default="first", show_default=True,
+              help="first: the first action of each chunk, the model asked every step (RoboVLMs); chunk: the whole chunk.")
+@click.option("--prompt", default="What action should the robot take to {instruction}?", show_default=True,
+              help="The shards' prompt template.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="results (*.jsonl) and summary.json.")
+def evaluate_cmd(checkpoint, policy_name, tasks, episodes, chains, num_envs, max_steps, execute, prompt, seed, out_dir):
+    """Closed-loop success per task and over 5-task chains (success rate per chain length, average length)."""
+    from .closed_loop import evaluate
+    from .policy import ExpertPolicy, VLAPolicy, ZeroPolicy
+
+    chosen = TASKS if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = sorted(set(chosen) - set(TASKS))
+    if unknown:
+        raise click.ClickException(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    if policy_name == "model":
+        if not checkpoint:
+            raise click.UsageError("--policy model needs --checkpoint")
+        import torch
+
+        from pipeline.qwen_tokenizer import load_tokenizer
+        from streamvln.model.build import build_model
+
+        torch.set_grad_enabled(False)
+        model = build_model(None, checkpoint)
+        if not hasattr(model, "count_targets"):
+            raise click.ClickException(f"{checkpoint} is not a VLA model (model_type streamvln_vla)")
+        size = model.config.vision_tower_config().image_size
+        policy = VLAPolicy(model, load_tokenizer(checkpoint), prompt, size, execute)
+    else:
+        policy = ExpertPolicy() if policy_name == "expert" else ZeroPolicy()
+    summary = evaluate(policy, out_dir, tasks=chosen, episodes=episodes, chains=episodes if chains is None else chains,
+                       seed=seed, num_envs=num_envs, max_steps=max_steps,
+                       config={"checkpoint": checkpoint, "policy": policy_name, "execute": execute, "prompt": prompt})
+    click.echo(format_summary(summary))
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    if "tasks" in summary:
+        s = summary["tasks"]
+        lines.append(f"single tasks: success {s.get('success_rate', 0):.3f} over {s['chains']} episodes")
+        lines += [f"  {t:28s} {v['success']:.3f} ({v['attempts']})" for t, v in s["per_task"].items()]
+    if "chains" in summary:
+        s = summary["chains"]
+        rates = " ".join(f"{k}:{v:.3f}" for k, v in s.get("chain_success", {}).items())
+        lines.append(f"5-task chains ({s['chains']}): success by length {rates}; average length "
+                     f"{s.get('average_length', 0):.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Closed-loop evaluation on the tabletop: success per task and CALVIN's chains of up to 5 subtasks; resumable.
+
+As CALVIN's evaluate_policy: a chain's subtasks run in order from its initial state, each with its
+evaluation instruction and a fresh policy history, for at most `max_steps` steps; the chain stops at
+the first failure. Success rate for length i = the share of chains with at least i subtasks done;
+average length = mean subtasks done. Per-task evaluation is chains of one task each. Environments
+run in lockstep, the policy called once per step for all of them. Each finished chain is appended
+to results.jsonl at once, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.shard_writer import write_json_atomic
+
+from .tabletop import Tabletop, TabletopConfig
+from .tasks import TASKS, feasible, instruction, sample_chain, succeeded
+
+CHAIN_LENGTH = 5
+
+
+@dataclass
+class Chain:
+    id: int
+    seed: int  # the scene's reset seed
+    tasks: list[str]
+
+
+def make_chains(mode: str, tasks: list[str], episodes: int, seed: int, env: Tabletop) -> list[Chain]:
+    """mode tasks: `episodes` initial states per task in which it is feasible; chains: `episodes` chains of up
+    to 5 feasible tasks (drawn from `tasks`) from seeded initial states."""
+    rng = np.random.default_rng(seed)
+    chains: list[Chain] = []
+    if mode == "tasks":
+        for task in tasks:
+            found = 0
+            while found < episodes:
+                s = int(rng.integers(2**31))
+                if feasible(task, env.reset(s, render=False)["scene_obs"]):
+                    chains.append(Chain(len(chains), s, [task]))
+                    found += 1
+    else:
+        while len(chains) < episodes:
+            s = int(rng.integers(2**31))
+            chain = sample_chain(env.reset(s, render=False)["scene_obs"], rng, CHAIN_LENGTH, tasks)
+            if len(chain) == CHAIN_LENGTH:  # CALVIN's chains are always 5 long
+                chains.append(Chain(len(chains), s, chain))
+    return chains
+
+
+def read_results(path: Path) -> dict[int, dict]:
+    """Finished chains; a line cut short by a kill is dropped (and the file trimmed to the last whole line)."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    return {r["chain"]: r for r in map(json.loads, whole.decode().splitlines())}
+
+
+def run_chains(policy, chains: list[Chain], results_path: Path, *, num_envs: int = 4, max_steps: int = 240,
+               env_cfg: TabletopConfig | None = None, progress: bool = True) -> list[dict]:
+    """Run the chains not yet in results_path; returns every chain's result, in chain order."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_results(results_path)
+    todo = [c for c in chains if c.id not in done]
+    envs = [Tabletop(env_cfg) for _ in range(min(num_envs, len(todo)))]
+    render = getattr(policy, "needs_images", True)
+    slot: dict[int, dict] = {}
+    obs: dict[int, dict] = {}
+    queue = list(todo)
+    log = open(results_path, "a")
+
+    def start(i: int) -> None:
+        chain = queue.pop(0)
+        obs[i] = envs[i].reset(chain.seed, render=render)
+        slot[i] = {"chain": chain, "k": 0, "steps": 0, "start": obs[i]["scene_obs"], "lengths": []}
+        policy.reset(i, chain.tasks[0], instruction(chain.tasks[0]))
+
+    def finish(i: int) -> None:
+        s = slot.pop(i)
+        c = s["chain"]
+        record = {"chain": c.id, "seed": c.seed, "tasks": c.tasks, "completed": s["k"], "steps": s["lengths"]}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+        done[c.id] = record
+        if progress and len(done) % 10 == 0:
+            print(f"  {len(done)}/{len(chains)} chains", flush=True)
+        if queue:
+            start(i)
+
+    try:
+        for i in range(len(envs)):
+            start(i)
+        while slot:
+            active = sorted(slot)
+            actions = policy.act(envs, obs, active)
+            for i, action in zip(active, actions):
+                envs[i].step(action)
+                obs[i] = envs[i].observe(render=render)
+                s = slot[i]
+                s["steps"] += 1
+                task = s["chain"].tasks[s["k"]]
+                if succeeded(task, s["start"], obs[i]["scene_obs"], obs[i]["robot_obs"]):
+                    s["lengths"].append(s["steps"])
+                    s["k"] += 1
+                    if s["k"] == len(s["chain"].tasks):
+                        finish(i)
+                    else:  # the next subtask starts from here, with a fresh history
+                        s["steps"], s["start"] = 0, obs[i]["scene_obs"]
+                        policy.reset(i, s["chain"].tasks[s["k"]], instruction(s["chain"].tasks[s["k"]]))
+                elif s["steps"] >= max_steps:
+                    finish(i)
+    finally:
+        log.close()
+        for env in envs:
+            env.close()
+    return [done[c.id] for c in chains]
+
+
+def summarize(results: list[dict], mode: str) -> dict:
+    """Per-task success over every subtask attempted; for chains, success rate per length and average length."""
+    tried, won = Counter(), Counter()
+    for r in results:
+        for k, task in enumerate(r["tasks"]):
+            if k > r["completed"]:
+                break
+            tried[task] += 1
+            won[task] += k < r["completed"]
+    out = {"chains": len(results), "per_task": {t: {"success": won[t] / tried[t], "attempts": tried[t]}
+                                                for t in TASKS if tried[t]}}
+    if results:
+        out["success_rate"] = sum(won.values()) / max(1, sum(tried.values()))
+    if mode == "chains" and results:
+        out["chain_success"] = {str(i): sum(r["completed"] >= i for r in results) / len(results)
+                                for i in range(1, CHAIN_LENGTH + 1)}
+        out["average_length"] = float(np.mean([r["completed"] for r in results]))
+    return out
+
+
+def evaluate(policy, out_dir: str | Path, *, tasks: list[str], episodes: int, chains: int, seed: int = 0,
+             num_envs: int = 4, max_steps: int = 240, env_cfg: TabletopConfig | None = None,
+             progress: bool = True, config: dict | None = None) -> dict:
+    """Per-task evaluation (`episodes` per task) and `chains` 5-task chains; summary.json in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = Tabletop(env_cfg)
+    plans = {}
+    if episodes:
+        plans["tasks"] = make_chains("tasks", tasks, episodes, seed, probe)
+    if chains:
+        plans["chains"] = make_chains("chains", tasks, chains, seed + 1, probe)
+    probe.close()
+    summary = {"config": {**(config or {}), "tasks": tasks, "episodes": episodes, "chains": chains, "seed": seed,
+                          "max_steps": max_steps, "env": asdict(env_cfg or TabletopConfig())}}
+    for mode, plan in plans.items():
+        results = run_chains(policy, plan, out_dir / f"{mode}.jsonl", num_envs=num_envs, max_steps=max_steps,
+                             env_cfg=env_cfg, progress=progress)
+        summary[mode] = summarize(results, mode)
+    write_json_atomic(out_dir / "summary.json", summary, indent=1)
+    return summary
