@@ -24,7 +24,7 @@ DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/t
 	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install tokenizer demo-data sim-data shards dagger demo demo-dagger demo-rl test bench clean
+.PHONY: help install tokenizer demo-data sim-data shards dagger demo demo-dagger demo-rl demo-manip test bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -160,6 +160,27 @@ demo-rl: | $(VENV)/.installed  ## the RL stage vs continued supervised training 
 		print('RL training rollouts, first and last fifth of the updates:'); \
 		[print(f'  {n:<6} SR {f(rs,\"sr\"):.3f}  SPL {f(rs,\"spl\"):.3f}  oracle rate {f(rs,\"oracle_rate\"):.3f}  interventions/rollout {f(rs,\"intervention_rate\"):.2f}  return {f(rs,\"return\"):+.2f}') for n,rs in (('first',rows[:k]),('last',rows[-k:]))]"
 
+# Manipulation (RoboVLMs-style VLA): tabletop demonstrations in CALVIN format, shards, the tiny VLA, offline
+# evaluation on held-out windows, then closed loop per task and over 5-task chains beside the scripted
+# expert (upper bound) and the zero action (baseline). Independent of make demo.
+MANIP := data/manip
+MANIP_EVAL := --episodes 5 --chains 10 --num-envs 4 --max-steps 240
+demo-manip: tokenizer  ## manipulation: synth (pybullet) -> CALVIN shards -> train the tiny VLA -> offline and closed-loop eval
+	$(BIN)/streamvln-manip synth --out $(MANIP) --episodes 160 --val-episodes 16 --max-tasks 2 --workers 2
+	$(BIN)/streamvln-shards calvin --src $(MANIP)/training --tokenizer $(TOKENIZER) --out shards \
+		--config configs/shards/calvin_demo.yaml --quiet
+	$(BIN)/streamvln-shards calvin --src $(MANIP)/validation --tokenizer $(TOKENIZER) --out shards \
+		--config configs/shards/calvin_demo.yaml --split val --quiet
+	tools/peek shards/manip
+	tools/peek shards/manip --verify
+	tools/peek shards/manip --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,manip) --sheet shards/peek-manip.png
+	rm -rf runs/manip
+	$(BIN)/streamvln-train --shards configs/data/manip_demo.yaml --config configs/train/manip_demo.yaml --output-dir runs/manip
+	$(BIN)/streamvln-eval --checkpoint runs/manip/final --shards configs/data/manip_demo_val.yaml --out runs/manip/offline_eval.json
+	$(BIN)/streamvln-manip eval --checkpoint runs/manip/final $(MANIP_EVAL) --out runs/manip/closed_loop
+	$(BIN)/streamvln-manip eval --policy expert $(MANIP_EVAL) --out runs/manip/closed_loop_expert
+	$(BIN)/streamvln-manip eval --policy zero $(MANIP_EVAL) --out runs/manip/closed_loop_zero
+
 test: install tokenizer  ## run the test suite (installs what it needs)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
 
@@ -176,4 +197,4 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
 	rm -rf $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \
-		shards/peek-*.png runs/demo runs/demo_stage2 runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control
+		shards/peek-*.png runs/demo runs/demo_stage2 $(MANIP) shards/manip runs/manip runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control

@@ -31,7 +31,7 @@ def summary(task: Path) -> str:
     manifest = load_manifest(task)
     index = pq.read_table(task / "index.parquet").to_pydict()
     lines = [f"{task}  task={manifest['task']}"]
-    unit = "episodes" if manifest["task"] == "nav" else "records"
+    unit = {"nav": "episodes", "manip": "spans"}.get(manifest["task"], "records")
     for split, info in manifest["splits"].items():
         c = info["counts"]
         rows = [i for i, s in enumerate(index["split"]) if s == split]
@@ -104,6 +104,8 @@ def frame_captions(meta: dict) -> list[str]:
     if meta.get("task", "nav") == "nav":
         return ([f"history frame {i}" for i in meta.get("history_frames", [])] +
                 [f"current frame {i}" for i in meta.get("current_frames", [])])
+    if meta.get("task") == "manip":  # W static frames, then W gripper frames
+        return [f"{cam.split('_')[1]} frame {f}" for cam in meta["cameras"] for f in meta["frame_ids"]]
     if "frame_times" in meta:
         return [f"frame {i} @ {t:.2f}s" for i, t in zip(meta["frame_indices"], meta["frame_times"])]
     return list(meta.get("frame_files") or meta.get("images") or [])
@@ -121,6 +123,31 @@ def contact_sheet(meta: dict, frames: list[bytes], thumb: int = 192, columns: in
         sheet.paste(Image.open(io.BytesIO(jpg)).convert("RGB").resize((thumb, thumb)), (x, y + 16))
         draw.text((x + 4, y + 2), caption, fill=(255, 200, 80) if caption.startswith("history") else (120, 220, 255))
     return sheet
+
+
+ACTION_DIMS = ("x", "y", "z", "roll", "pitch", "yaw", "grip")
+
+
+def action_plot(actions: np.ndarray, mask: np.ndarray, width: int = 1536, height: int = 150) -> Image.Image:
+    """One panel per action dimension: each step's chunk (N actions, normalised to [-1, 1]; the gripper 0/1)
+    as a line, later steps lighter; masked positions (past the span) as dots."""
+    W, N, D = actions.shape
+    panel = width // D
+    img = Image.new("RGB", (width, height), (20, 20, 20))
+    draw = ImageDraw.Draw(img)
+    for d in range(D):
+        x0 = d * panel
+        draw.text((x0 + 4, 2), ACTION_DIMS[d], fill=(220, 220, 220))
+        draw.line([(x0 + 4, height // 2 + 8), (x0 + panel - 4, height // 2 + 8)], fill=(70, 70, 70))
+        for t in range(W):
+            shade = 255 - int(160 * t / max(1, W - 1))
+            points = [(x0 + 6 + (panel - 12) * k / max(1, N - 1),
+                       height // 2 + 8 - (height // 2 - 16) * float(actions[t, k, d])) for k in range(N)]
+            draw.line(points, fill=(80, shade, 255), width=1)
+            for k, (x, y) in enumerate(points):
+                if not mask[t, k]:
+                    draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=(255, 90, 90))
+    return img
 
 
 def _short(text: str) -> str:
@@ -144,8 +171,24 @@ def show_sample(task: Path, key: str, tok, sheet_path: Path | None, color: bool 
     lines.append(f"\n--- dialogue ({len(input_ids)} tokens, {int((labels != IGNORE_INDEX).sum())} labelled"
                  f"{', labelled spans in green' if color else ', labelled spans in [[ ]]'}) ---")
     lines.append(render_dialogue(tok, input_ids, labels, color))
+    actions = None
+    if "actions.npy" in members:  # manipulation: each step's chunk of normalised actions
+        actions = np.load(io.BytesIO(members["actions.npy"]), allow_pickle=False)
+        mask = np.load(io.BytesIO(members["action_mask.npy"]), allow_pickle=False).astype(bool)
+        lines.append(f"\n--- action chunks {list(actions.shape)} (normalised; gripper 1 = open; * = masked) ---")
+        for t in range(actions.shape[0]):
+            cells = " ".join(f"[{' '.join(f'{v:+.2f}' for v in a)}]{'' if m else '*'}"
+                             for a, m in zip(actions[t][:3], mask[t][:3]))
+            lines.append(f"  step {t}: {cells}{' ...' if actions.shape[1] > 3 else ''}")
     if sheet_path is not None:
-        contact_sheet(meta, frames).save(sheet_path)
+        sheet = contact_sheet(meta, frames)
+        if actions is not None:
+            plot = action_plot(actions, mask, sheet.width)
+            both = Image.new("RGB", (sheet.width, sheet.height + plot.height))
+            both.paste(sheet, (0, 0))
+            both.paste(plot, (0, sheet.height))
+            sheet = both
+        sheet.save(sheet_path)
         lines.append(f"contact sheet of {len(frames)} frames: {sheet_path}")
     return "\n".join(lines)
 

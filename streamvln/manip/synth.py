@@ -150,7 +150,6 @@ def synthesize(out: str | Path, cfg: SynthConfig, workers: int = 1, progress: bo
             for i, _ in enumerate(pool.imap_unordered(_job, jobs)):
                 if progress and (i + 1) % 20 == 0:
                     print(f"  {i + 1}/{len(jobs)} episodes", flush=True)
-    summary = {"config": asdict(cfg), "written_now": len(jobs),
-               **{split: finish_split(out / split, n) for split, (n, _) in splits.items()}}
-    write_json_atomic(out / "synth.json", summary, indent=1)
-    return summary
+    summary = {"config": asdict(cfg), **{split: finish_split(out / split, n) for split, (n, _) in splits.items()}}
+    write_json_atomic(out / "synth.json", summary, indent=1)  # the same however many runs it took
+    return {**summary, "written_now": len(jobs)}
