@@ -80,9 +80,13 @@ def evaluate_cmd(checkpoint, policy_name, tasks, episodes, chains, num_envs, max
         policy = VLAPolicy(model, load_tokenizer(checkpoint), prompt, size, execute)
     else:
         policy = ExpertPolicy() if policy_name == "expert" else ZeroPolicy()
-    summary = evaluate(policy, out_dir, tasks=chosen, episodes=episodes, chains=episodes if chains is None else chains,
-                       seed=seed, num_envs=num_envs, max_steps=max_steps,
-                       config={"checkpoint": checkpoint, "policy": policy_name, "execute": execute, "prompt": prompt})
+    try:
+        summary = evaluate(policy, out_dir, tasks=chosen, episodes=episodes,
+                           chains=episodes if chains is None else chains, seed=seed, num_envs=num_envs,
+                           max_steps=max_steps, config={"checkpoint": checkpoint, "policy": policy_name,
+                                                        "execute": execute, "prompt": prompt})
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(format_summary(summary))
 
 

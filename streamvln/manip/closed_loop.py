@@ -161,8 +161,13 @@ def evaluate(policy, out_dir: str | Path, *, tasks: list[str], episodes: int, ch
     if chains:
         plans["chains"] = make_chains("chains", tasks, chains, seed + 1, probe)
     probe.close()
-    summary = {"config": {**(config or {}), "tasks": tasks, "episodes": episodes, "chains": chains, "seed": seed,
-                          "max_steps": max_steps, "env": asdict(env_cfg or TabletopConfig())}}
+    settings = {**(config or {}), "tasks": tasks, "episodes": episodes, "chains": chains, "seed": seed,
+                "max_steps": max_steps, "env": asdict(env_cfg or TabletopConfig())}
+    saved = out_dir / "eval_config.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(settings)):
+        raise ValueError(f"{out_dir} holds results of another evaluation ({saved}); use another --out")
+    write_json_atomic(saved, settings, indent=1)
+    summary = {"config": settings}
     for mode, plan in plans.items():
         results = run_chains(policy, plan, out_dir / f"{mode}.jsonl", num_envs=num_envs, max_steps=max_steps,
                              env_cfg=env_cfg, progress=progress)
