@@ -194,6 +194,7 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 	$(PY) tests/bench/bench_agent.py
 	$(PY) tests/bench/bench_dagger.py
 	$(PY) tests/bench/bench_rl.py
+	$(PY) tests/bench/bench_manip.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
 	rm -rf $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \

@@ -326,3 +326,18 @@ def test_synth_writes_calvin_format_deterministically_and_resumes(tmp_path, toke
                          progress=False)
     assert summary["manifest"]["counts"]["samples_written"] == sum(
         max(0, s.end + 1 - W - s.start) for s in split.spans)
+
+
+def test_a_streamvln_checkpoint_loads_as_the_vla_backbone(tmp_path):
+    keys = {k: v for k, v in TINY_VLA.items() if k not in ("model_type", "window", "chunk", "head_hidden",
+                                                              "lstm_layers", "gpt_layers", "gpt_heads")}
+    nav = build_model_from(keys)
+    nav.save_pretrained(tmp_path / "nav", safe_serialization=True)
+    vla = build_model(None, str(tmp_path / "nav"), vla={"window": W, "chunk": N, "head_hidden": 32, "lstm_layers": 1})
+    assert type(vla).__name__ == "StreamVLNVLA" and vla.config.model_type == "streamvln_vla"
+    nav_state = nav.state_dict()
+    for name, value in vla.state_dict().items():
+        if name.startswith(("action_head.", "action_token")):
+            continue
+        torch.testing.assert_close(value, nav_state[name], msg=name)
+    assert vla.action_head.rnn.num_layers == 1
