@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,7 +207,12 @@ def test_post_features_cached_by_the_policy_equal_the_training_forward(manip_sha
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
 
 
-def test_train_with_streamvln_train_export_and_offline_eval(manip_shards, tmp_path, tokenizer_dir):
+def train_run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamvln.train", *args], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT)
+
+
+def test_train_with_streamvln_train_export_resume_and_offline_eval(manip_shards, tmp_path, tokenizer_dir):
     root, _ = manip_shards
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(TINY_VLA))
     mix = {"tasks": [{"name": "tabletop", "shards": [str(root / "shards" / "manip")]}], "batch_size": 2,
@@ -217,12 +223,23 @@ def test_train_with_streamvln_train_export_and_offline_eval(manip_shards, tmp_pa
              "grad_accum": 1, "bf16": False, "gradient_checkpointing": False, "num_workers": 0, "log_every": 1,
              "save_every": 2}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
-    run = subprocess.run([sys.executable, "-m", "streamvln.train", "--shards", str(tmp_path / "mix.yaml"), "--config",
-                          str(tmp_path / "train.yaml"), "--output-dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT)
+    common = ["--shards", str(tmp_path / "mix.yaml"), "--config", str(tmp_path / "train.yaml")]
+    run = train_run([*common, "--output-dir", str(tmp_path / "run")])
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    # an interrupted run: only the step-2 checkpoint exists; --resume gives the third step exactly
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    again = train_run([*common, "--output-dir", str(tmp_path / "resumed"), "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [3] and resumed[0]["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("run", "resumed"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     model = build_model(None, str(tmp_path / "run" / "final"))
     assert type(model).__name__ == "StreamVLNVLA" and model.config.head == "lstm"
     assert model.action_token.abs().sum() > 0  # trained, saved and loaded
