@@ -164,7 +164,7 @@ demo-rl: | $(VENV)/.installed  ## the RL stage vs continued supervised training 
 # evaluation on held-out windows, then closed loop per task and over 5-task chains beside the scripted
 # expert (upper bound) and the zero action (baseline). Independent of make demo.
 MANIP := data/manip
-MANIP_EVAL := --episodes 5 --chains 10 --num-envs 4 --max-steps 240
+MANIP_EVAL := --episodes 3 --chains 5 --num-envs 4 --max-steps 240
 demo-manip: tokenizer  ## manipulation: synth (pybullet) -> CALVIN shards -> train the tiny VLA -> offline and closed-loop eval
 	$(BIN)/streamvln-manip synth --out $(MANIP) --episodes 160 --val-episodes 16 --max-tasks 2 --workers 2
 	$(BIN)/streamvln-shards calvin --src $(MANIP)/training --tokenizer $(TOKENIZER) --out shards \
