@@ -92,7 +92,7 @@ def labelled_tokens(batches: list[dict], world_size: int, device, count=None) ->
 
 
 def check_manip_data(config, tasks) -> None:
-    """Refuse manipulation shards written with another action normalisation or window than the VLA model's."""
+    """Refuse manipulation shards written with another action normalisation, or without a camera the VLA model uses."""
     for t in tasks:
         opts = t.options
         if opts.get("normalization") != config.action_normalization or (
