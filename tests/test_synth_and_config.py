@@ -97,18 +97,24 @@ def test_every_shipped_config_loads_strictly():
     from streamvln.model import StreamVLNConfig
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    from pipeline.config import MMC4ShardConfig, ScanQAShardConfig, VideoQAShardConfig
+    from pipeline.config import CalvinShardConfig, MMC4ShardConfig, ScanQAShardConfig, VideoQAShardConfig
+    from streamvln.model.build import model_class
 
-    shard_configs = {"videoqa": VideoQAShardConfig, "scanqa": ScanQAShardConfig, "mmc4": MMC4ShardConfig}
+    shard_configs = {"videoqa": VideoQAShardConfig, "scanqa": ScanQAShardConfig, "mmc4": MMC4ShardConfig,
+                     "calvin_demo": CalvinShardConfig}
     for path in (root / "shards").glob("*.yaml"):
         cls = shard_configs.get(path.stem, NavShardConfig)
-        assert load_config(cls, path) == cls() or path.stem == "demo"  # the reference files state the defaults
+        # the reference files state the defaults; the demo files are the demos' own
+        assert load_config(cls, path) == cls() or path.stem in ("demo", "calvin_demo")
     for path in (root / "data").glob("*.yaml"):
         assert load_mix(path).tasks
     for path in (root / "train").glob("*.yaml"):
         load_train_config(path)
+    assert sorted(p.stem for p in (root / "model").glob("*.yaml")) == ["tiny", "tiny_vla"]
     for path in (root / "model").glob("*.yaml"):
-        StreamVLNConfig(**yaml.safe_load(path.read_text())).vision_tower_config()
+        keys = yaml.safe_load(path.read_text())
+        config = model_class(keys.pop("model_type", None)).config_class(**keys)
+        assert isinstance(config, StreamVLNConfig) and config.vision_tower_config()
     from streamvln.sim.episodes import EpisodeGenConfig
     from streamvln.sim.trajectories import TrajectoryConfig
 
