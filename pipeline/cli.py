@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from . import task_dir
-from .config import CalvinShardConfig, ConfigError, MMC4ShardConfig, NavShardConfig, ScanQAShardConfig, VideoQAShardConfig, load_config
+from .config import (CalvinShardConfig, ConfigError, MMC4ShardConfig, NavShardConfig, ScanQAShardConfig,
+                     VideoQAShardConfig, load_config)
 from .reader import AnnotationError
 
 
