@@ -323,7 +323,7 @@ def test_synth_writes_calvin_format_deterministically_and_resumes(tmp_path, toke
     from pipeline.calvin import read_split
     from streamvln.manip.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(episodes=2, val_episodes=1, seed=3, max_tasks=2, static_size=32, gripper_size=24)
+    cfg = SynthConfig(episodes=3, val_episodes=1, seed=3, max_tasks=2, static_size=32, gripper_size=24)
     a = synthesize(tmp_path / "a", cfg, progress=False)
     assert a["training"]["spans"] >= 2 and not a["training"]["expert_failures"]
     split = read_split(tmp_path / "a" / "training")
@@ -331,7 +331,8 @@ def test_synth_writes_calvin_format_deterministically_and_resumes(tmp_path, toke
     assert frame["rgb_static"].shape == (32, 32, 3) and frame["rgb_gripper"].shape == (24, 24, 3)
     assert frame["robot_obs"].shape == (15,) and frame["scene_obs"].shape == (24,) and frame["rel_actions"].shape == (7,)
     assert np.abs(frame["rel_actions"][:6]).max() <= 0.65 and frame["rel_actions"][6] in (-1, 1)
-    synthesize(tmp_path / "b", cfg, progress=False)
+    # two workers (episodes in other processes and orders), then a resume: the same bytes
+    synthesize(tmp_path / "b", cfg, workers=2, progress=False)
     (tmp_path / "b" / "training" / ".done" / "000001.json").unlink()  # killed before episode 1 was marked done
     b = synthesize(tmp_path / "b", cfg, progress=False)
     assert b["written_now"] == 1

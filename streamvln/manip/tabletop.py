@@ -42,7 +42,7 @@ class Tabletop:
         self.cfg = cfg or TabletopConfig()
         self.client = pb.connect(pb.DIRECT)
         self.blocks: dict[str, int] = {}
-        self._build()
+        self._build()  # (reset builds it again)
 
     # ------------------------------------------------------------------ scene
 
@@ -79,8 +79,13 @@ class Tabletop:
         return pb.createMultiBody(0, col, vis, [*TRAY_XY, 0], physicsClientId=c)
 
     def reset(self, seed: int, render: bool = True) -> dict:
-        """Blocks at seeded places (apart from each other), the arm at home with the gripper open."""
+        """Blocks at seeded places (apart from each other), the arm at home with the gripper open.
+
+        The world is rebuilt from nothing: pybullet keeps solver and contact state across a plain
+        reset of poses, so an episode would otherwise depend on the episodes run before it in the
+        same process (and synth's output on which worker ran what)."""
         rng = np.random.default_rng(seed)
+        self._build()
         c = self.client
         for j, q in enumerate(HOME_JOINTS):
             pb.resetJointState(self.robot, j, q, physicsClientId=c)
@@ -102,23 +107,6 @@ class Tabletop:
         for _ in range(20):  # let the blocks settle
             pb.stepSimulation(physicsClientId=c)
         return self.observe(render)
-
-    def set_state(self, state: dict) -> None:
-        """Restore a snapshot from `snapshot()` (CALVIN's reset(robot_obs, scene_obs) for chains)."""
-        c = self.client
-        for j, q in enumerate(state["joints"]):
-            pb.resetJointState(self.robot, j, q, physicsClientId=c)
-        for name, (pos, orn) in state["blocks"].items():
-            pb.resetBasePositionAndOrientation(self.blocks[name], pos, orn, physicsClientId=c)
-            pb.resetBaseVelocity(self.blocks[name], [0, 0, 0], [0, 0, 0], physicsClientId=c)
-        self.gripper_action = state["gripper_action"]
-        self._hold_joints()
-
-    def snapshot(self) -> dict:
-        c = self.client
-        joints = [pb.getJointState(self.robot, j, physicsClientId=c)[0] for j in (*range(7), *FINGERS)]
-        blocks = {n: pb.getBasePositionAndOrientation(b, physicsClientId=c) for n, b in self.blocks.items()}
-        return {"joints": joints, "blocks": blocks, "gripper_action": self.gripper_action}
 
     def close(self):
         if self.client is not None:
