@@ -24,7 +24,7 @@ DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/t
 	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install tokenizer demo-data sim-data shards dagger demo demo-dagger demo-rl demo-manip test bench clean
+.PHONY: help install install-libero tokenizer demo-data sim-data shards dagger demo demo-dagger demo-rl demo-manip demo-libero test test-libero bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ $(VENV)/.installed: setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install-libero: $(VENV)/.libero  ## the optional LIBERO extra (robosuite 1.4, MuJoCo, assets: ~2 GB) into .venv
+
+$(VENV)/.libero: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,libero]'
 	touch $@
 
 # Qwen2's BPE ranks ship inside the dashscope wheel; only that one file is taken from it.
@@ -181,8 +187,30 @@ demo-manip: tokenizer  ## manipulation: synth (pybullet) -> CALVIN shards -> tra
 	$(BIN)/streamvln-manip eval --policy expert $(MANIP_EVAL) --out runs/manip/closed_loop_expert
 	$(BIN)/streamvln-manip eval --policy zero $(MANIP_EVAL) --out runs/manip/closed_loop_zero
 
-test: install tokenizer  ## run the test suite (installs what it needs)
+# LIBERO (optional extra): the scripted expert's demonstrations of libero_object's 10 official tasks (seeded
+# placements), shards, the tiny VLA, then closed loop on LIBERO's official initial states and success
+# predicates beside the expert and the zero action.
+LIBERO := data/libero
+LIBERO_EVAL := --sim libero --suite libero_object --episodes 2 --num-envs 4
+demo-libero: install-libero tokenizer  ## LIBERO (extra): expert demos -> shards -> tiny VLA -> closed loop on official states
+	$(BIN)/streamvln-manip libero-synth --out $(LIBERO) --suite libero_object --episodes 6 --val-episodes 1 --workers 2
+	$(BIN)/streamvln-shards calvin --src $(LIBERO)/training --tokenizer $(TOKENIZER) --out shards/libero \
+		--config configs/shards/calvin_demo.yaml --quiet
+	$(BIN)/streamvln-shards calvin --src $(LIBERO)/validation --tokenizer $(TOKENIZER) --out shards/libero \
+		--config configs/shards/calvin_demo.yaml --split val --quiet
+	tools/peek shards/libero/manip --verify
+	rm -rf runs/libero
+	$(BIN)/streamvln-train --shards configs/data/libero_demo.yaml --config configs/train/manip_demo.yaml --output-dir runs/libero
+	$(BIN)/streamvln-eval --checkpoint runs/libero/final --shards configs/data/libero_demo_val.yaml --out runs/libero/offline_eval.json
+	$(BIN)/streamvln-manip eval --checkpoint runs/libero/final $(LIBERO_EVAL) --out runs/libero/closed_loop
+	$(BIN)/streamvln-manip eval --policy expert $(LIBERO_EVAL) --out runs/libero/closed_loop_expert
+	$(BIN)/streamvln-manip eval --policy zero $(LIBERO_EVAL) --out runs/libero/closed_loop_zero
+
+test: install tokenizer  ## run the test suite (installs what it needs; LIBERO's tests skip without the extra)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
+
+test-libero: install-libero tokenizer  ## LIBERO's tests, with the extra installed
+	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q tests/test_libero.py
 
 bench: install tokenizer shards  ## benchmarks: print throughput and memory numbers (not tests)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_shards.py
@@ -198,4 +226,4 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
 	rm -rf $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \
-		shards/peek-*.png runs/demo runs/demo_stage2 $(MANIP) shards/manip runs/manip runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control
+		shards/peek-*.png runs/demo runs/demo_stage2 $(MANIP) shards/manip runs/manip $(LIBERO) shards/libero runs/libero runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control

@@ -1,4 +1,4 @@
-"""`streamvln-manip`: tabletop demonstrations in CALVIN format (synth) and closed-loop evaluation (eval)."""
+"""`streamvln-manip`: demonstrations in CALVIN format (synth, libero-synth) and closed-loop evaluation (eval)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .tasks import TASKS
 
 @click.group()
 def main():
-    """The manipulation tabletop (pybullet): demonstrations and closed-loop evaluation."""
+    """The manipulation tabletop (pybullet) and LIBERO (optional extra): demonstrations and closed-loop evaluation."""
 
 
 @main.command()
@@ -32,38 +32,88 @@ def synth(out, episodes, val_episodes, seed, max_tasks, static_size, gripper_siz
                              workers=workers)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    report(out, summary)
+
+
+@main.command("libero-synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes <out>/training and <out>/validation.")
+@click.option("--suite", default="libero_object", show_default=True, help="libero_object, libero_spatial, libero_goal, ...")
+@click.option("--tasks", default="all", show_default=True, help="'all', or comma-separated task names or indices.")
+@click.option("--episodes", default=10, show_default=True, help="Training episodes per task.")
+@click.option("--val-episodes", default=2, show_default=True, help="Validation episodes per task.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--camera-size", default=128, show_default=True, help="Both cameras (LIBERO: 128).")
+@click.option("--max-steps", default=0, show_default=True, help="Steps per episode; 0: the suite's evaluation limit.")
+@click.option("--workers", default=1, show_default=True)
+def libero_synth(out, suite, tasks, episodes, val_episodes, seed, camera_size, max_steps, workers):
+    """CALVIN-format demonstrations of LIBERO's official tasks by the scripted expert (needs the libero extra)."""
+    from .libero import LiberoUnavailable
+
+    try:
+        from .libero_synth import LiberoSynthConfig, synthesize
+
+        cfg = LiberoSynthConfig(suite, tasks, episodes, val_episodes, seed, camera_size, max_steps)
+        summary = synthesize(out, cfg, workers=workers)
+    except (ValueError, LiberoUnavailable) as e:
+        raise click.ClickException(str(e)) from None
+    report(out, summary)
+
+
+def report(out, summary: dict) -> None:
     for split in ("training", "validation"):
         s = summary[split]
         click.echo(f"{Path(out) / split}: {s['episodes']} episodes, {s['frames']} frames, {s['tasks_attempted']} tasks "
                    f"attempted = {s['spans']} language spans + {len(s['expert_failures'])} expert failures")
         for task, n in s["per_task"].items():
             click.echo(f"  {task}: {n}")
+        for reason in sorted({f["reason"] for f in s["expert_failures"]}):
+            click.echo(f"  no span ({sum(f['reason'] == reason for f in s['expert_failures'])}): {reason}")
 
 
 @main.command("eval")
 @click.option("--checkpoint", type=click.Path(file_okay=False, exists=True), help="An exported VLA model (runs/manip/final).")
 @click.option("--policy", "policy_name", type=click.Choice(["model", "expert", "zero"]), default="model", show_default=True,
               help="model: the checkpoint; expert: the scripted expert (upper bound); zero: no motion (baseline).")
-@click.option("--tasks", default="all", show_default=True, help="'all' or comma-separated task names.")
-@click.option("--episodes", default=20, show_default=True, help="Initial states per task (single-task success).")
-@click.option("--chains", default=None, type=int, help="5-task chains (CALVIN's protocol) [= --episodes]; 0: none.")
-@click.option("--num-envs", default=4, show_default=True, help="Tabletops stepped together (one model call a step).")
-@click.option("--max-steps", default=240, show_default=True, help="Steps per subtask (CALVIN: 360).")
+@click.option("--sim", type=click.Choice(["tabletop", "libero"]), default="tabletop", show_default=True,
+              help="tabletop: the pybullet tabletop; libero: LIBERO's official tasks and initial states (extra).")
+@click.option("--suite", default="libero_object", show_default=True, help="The LIBERO suite (--sim libero).")
+@click.option("--tasks", default="all", show_default=True,
+              help="'all' or comma-separated task names (LIBERO: names or indices).")
+@click.option("--episodes", default=20, show_default=True,
+              help="Initial states per task (single-task success; LIBERO: the first N of its 50 official ones).")
+@click.option("--chains", default=None, type=int, help="5-task chains (CALVIN's protocol) [= --episodes; LIBERO: 0].")
+@click.option("--num-envs", default=4, show_default=True, help="Environments stepped together (one model call a step).")
+@click.option("--max-steps", default=None, type=int,
+              help="Steps per subtask [tabletop 240 (CALVIN: 360); LIBERO: its per-suite limit].")
 @click.option("--execute", type=click.Choice(["first", "chunk"]), default="first", show_default=True,
               help="first: the first action of each chunk, the model asked every step (RoboVLMs); chunk: the whole chunk.")
 @click.option("--prompt", default="What action should the robot take to {instruction}?", show_default=True,
               help="The shards' prompt template.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="results (*.jsonl) and summary.json.")
-def evaluate_cmd(checkpoint, policy_name, tasks, episodes, chains, num_envs, max_steps, execute, prompt, seed, out_dir):
+def evaluate_cmd(checkpoint, policy_name, sim, suite, tasks, episodes, chains, num_envs, max_steps, execute, prompt,
+                 seed, out_dir):
     """Closed-loop success per task and over 5-task chains (success rate per chain length, average length)."""
-    from .closed_loop import evaluate
+    from .closed_loop import TabletopSim, evaluate
+    from .libero import LiberoUnavailable
     from .policy import ExpertPolicy, VLAPolicy, ZeroPolicy
 
-    chosen = TASKS if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = sorted(set(chosen) - set(TASKS))
-    if unknown:
-        raise click.ClickException(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    try:
+        if sim == "libero":
+            from .libero import LiberoSim, select_tasks
+
+            simulator = LiberoSim(suite)
+            chosen = [t.name for t in select_tasks(suite, tasks)]
+            chains = 0 if chains is None else chains
+        else:
+            simulator = TabletopSim()
+            chosen = TASKS if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+            unknown = sorted(set(chosen) - set(TASKS))
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+            chains = episodes if chains is None else chains
+    except (ValueError, LiberoUnavailable) as e:
+        raise click.ClickException(str(e)) from None
     if policy_name == "model":
         if not checkpoint:
             raise click.UsageError("--policy model needs --checkpoint")
@@ -79,12 +129,11 @@ def evaluate_cmd(checkpoint, policy_name, tasks, episodes, chains, num_envs, max
         size = model.config.vision_tower_config().image_size
         policy = VLAPolicy(model, load_tokenizer(checkpoint), prompt, size, execute)
     else:
-        policy = ExpertPolicy() if policy_name == "expert" else ZeroPolicy()
+        policy = ExpertPolicy(simulator.make_expert) if policy_name == "expert" else ZeroPolicy()
     try:
-        summary = evaluate(policy, out_dir, tasks=chosen, episodes=episodes,
-                           chains=episodes if chains is None else chains, seed=seed, num_envs=num_envs,
-                           max_steps=max_steps, config={"checkpoint": checkpoint, "policy": policy_name,
-                                                        "execute": execute, "prompt": prompt})
+        summary = evaluate(policy, out_dir, tasks=chosen, episodes=episodes, chains=chains, seed=seed, sim=simulator,
+                           num_envs=num_envs, max_steps=max_steps,
+                           config={"checkpoint": checkpoint, "policy": policy_name, "execute": execute, "prompt": prompt})
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_summary(summary))

@@ -35,14 +35,16 @@ class ZeroPolicy:
 
 
 class ExpertPolicy:
-    """The scripted expert on privileged state: the upper bound of what the demonstrations show."""
+    """The scripted expert on privileged state: the upper bound of what the demonstrations show.
+
+    make_expert(task, env) builds one for a subtask (a sim's make_expert; the tabletop's Expert by default)."""
 
     needs_images = False
 
-    def __init__(self, seed: int = 0):
-        self.experts: dict[int, Expert] = {}
+    def __init__(self, make_expert=None):
+        self.make_expert = make_expert or Expert
+        self.experts: dict[int, object] = {}
         self.pending: dict[int, str] = {}
-        self.seed = seed
 
     def reset(self, i: int, task: str, instruction: str) -> None:
         self.pending[i] = task
@@ -52,7 +54,7 @@ class ExpertPolicy:
         out = []
         for i in active:
             if i in self.pending:  # built at the subtask's first step, from the state it starts in
-                self.experts[i] = Expert(self.pending.pop(i), envs[i])
+                self.experts[i] = self.make_expert(self.pending.pop(i), envs[i])
             out.append(self.experts[i].act())
         return out
 

@@ -117,11 +117,12 @@ def finish_split(folder: Path, n: int) -> dict:
         np.save(f, np.array(ann, dtype=object), allow_pickle=True)
     tmp.replace(folder / "lang_annotations" / "auto_lang_ann.npy")
     with open(folder / "ep_start_end_ids.npy.tmp", "wb") as f:
-        np.save(f, np.array([r["frames"] for r in records], dtype=np.int64))
+        np.save(f, np.array([r["frames"] for r in records if r["frames"]], dtype=np.int64).reshape(-1, 2))
     (folder / "ep_start_end_ids.npy.tmp").replace(folder / "ep_start_end_ids.npy")
     failures = [f for r in records for f in r["failures"]]
     tasks_run = sum(len(r["spans"]) + len(r["failures"]) for r in records)
-    return {"episodes": n, "frames": sum(r["frames"][1] - r["frames"][0] + 1 for r in records),
+    # an episode that never ran (LIBERO: a task the expert cannot do) has frames None
+    return {"episodes": n, "frames": sum(r["frames"][1] - r["frames"][0] + 1 for r in records if r["frames"]),
             "tasks_attempted": tasks_run, "spans": len(spans), "expert_failures": failures,
             "per_task": {t: sum(s["task"] == t for s in spans) for t in sorted({s["task"] for s in spans})}}
 
