@@ -39,6 +39,24 @@ class LiberoExpert:
         self.env = env
         self.obj, self.target = pick_and_place_goal(env.goal())
         self.phase, self.t = "above", 0
+        # Grip 1 cm above the object's centre, but never deeper than 2.5 cm below its top: a tall bottle is
+        # held by its neck, where the hand does not strike its cap.
+        centre, top = self._pos(self.obj)[2], self._top(self.obj)
+        self.grip_offset = max(centre + 0.01, top - 0.025) - centre
+
+    def _top(self, name: str) -> float:
+        """The highest point of the object's collision geoms (world z), from MuJoCo's bounding boxes."""
+        import mujoco
+
+        m, d = self.env.env.sim.model._model, self.env.env.sim.data._data
+        top = -np.inf
+        for g in range(m.ngeom):
+            body = mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_BODY, int(m.geom_bodyid[g])) or ""
+            if body.startswith(name) and m.geom_contype[g]:
+                rot = d.geom_xmat[g].reshape(3, 3)
+                centre = d.geom_xpos[g] + rot @ m.geom_aabb[g][:3]
+                top = max(top, float(centre[2] + np.abs(rot[2]) @ m.geom_aabb[g][3:]))
+        return top if np.isfinite(top) else float(self._pos(name)[2]) + 0.05
 
     def _pos(self, name: str) -> np.ndarray:
         """An object's position, or a region's (a site of the scene's model) with its parent object's."""
@@ -69,7 +87,7 @@ class LiberoExpert:
             if err < 0.015 or self.t > 60:
                 self._next("descend")
         elif self.phase == "descend":
-            action, err = self._move(obj + [0, 0, 0.01], OPEN)
+            action, err = self._move(obj + [0, 0, self.grip_offset], OPEN)
             if err < 0.01 or self.t > 30:
                 self._next("grasp")
         elif self.phase == "grasp":  # close in place; the fingers take ~10 steps

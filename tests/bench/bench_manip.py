@@ -1,5 +1,6 @@
 """Benchmark: the manipulation tabletop's cost per step and the closed loop's env steps per second with the
-VLA model batched over 1, 4 and 8 environments (one model call per step for all of them).
+VLA model batched over 1, 4 and 8 environments (one model call per step for all of them); with the LIBERO
+extra installed, LIBERO's reset and step cost too.
 
 Uses the tiny VLA built from configs/model/tiny_vla.yaml (untrained: speed does not depend on the weights);
 prints numbers, asserts nothing. Run with `make bench` or `python tests/bench/bench_manip.py`.
@@ -65,6 +66,35 @@ def main():
         del model.step_feature
         out.unlink()
         print(f"{envs:5d} {envs * 40:9d} {seconds:8.2f} {envs * 40 / seconds:11.1f} {1000 * np.mean(calls):13.1f}")
+    bench_libero()
+
+
+def bench_libero():
+    """LIBERO's own cost (MuJoCo physics at 20 Hz control + two 128x128 EGL renders a step), if installed."""
+    from streamvln.manip.libero import LiberoEnv, LiberoUnavailable, init_states, suite_tasks
+
+    try:
+        task = suite_tasks("libero_object")[0]
+    except LiberoUnavailable as e:
+        print(f"LIBERO: not measured ({e})")
+        return
+    from streamvln.manip.libero_expert import LiberoExpert
+
+    env = LiberoEnv()
+    t = time.perf_counter()
+    env.reset(task, init_states(task)[0])
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    env.reset(task, init_states(task)[1])
+    again = time.perf_counter() - t
+    expert = LiberoExpert(env)
+    t = time.perf_counter()
+    for _ in range(100):
+        env.step(expert.act())
+    step = (time.perf_counter() - t) / 100
+    env.close()
+    print(f"LIBERO libero_object: build + reset {first:.2f} s, reset {again:.2f} s (fresh sim + 10 settling steps), "
+          f"step {1000 * step:.1f} ms ({1 / step:.1f} steps/s, one env)")
 
 
 if __name__ == "__main__":
