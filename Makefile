@@ -166,6 +166,24 @@ demo-rl: | $(VENV)/.installed  ## the RL stage vs continued supervised training 
 		print('RL training rollouts, first and last fifth of the updates:'); \
 		[print(f'  {n:<6} SR {f(rs,\"sr\"):.3f}  SPL {f(rs,\"spl\"):.3f}  oracle rate {f(rs,\"oracle_rate\"):.3f}  interventions/rollout {f(rs,\"intervention_rate\"):.2f}  return {f(rs,\"return\"):+.2f}') for n,rs in (('first',rows[:k]),('last',rows[-k:]))]"
 
+# A CALVIN-format folder's training and validation splits to shards: $(call calvin_shards,DATA,OUT)
+define calvin_shards
+	$(BIN)/streamvln-shards calvin --src $(1)/training --tokenizer $(TOKENIZER) --out $(2) \
+		--config configs/shards/calvin_demo.yaml --quiet
+	$(BIN)/streamvln-shards calvin --src $(1)/validation --tokenizer $(TOKENIZER) --out $(2) \
+		--config configs/shards/calvin_demo.yaml --split val --quiet
+endef
+# The tiny VLA trained on configs/data/MIX.yaml, evaluated offline (MIX_val.yaml) and in closed loop beside the
+# scripted expert and the zero action: $(call vla_run,RUN_DIR,MIX,EVAL_OPTIONS)
+define vla_run
+	rm -rf $(1)
+	$(BIN)/streamvln-train --shards configs/data/$(2).yaml --config configs/train/manip_demo.yaml --output-dir $(1)
+	$(BIN)/streamvln-eval --checkpoint $(1)/final --shards configs/data/$(2)_val.yaml --out $(1)/offline_eval.json
+	$(BIN)/streamvln-manip eval --checkpoint $(1)/final $(3) --out $(1)/closed_loop
+	$(BIN)/streamvln-manip eval --policy expert $(3) --out $(1)/closed_loop_expert
+	$(BIN)/streamvln-manip eval --policy zero $(3) --out $(1)/closed_loop_zero
+endef
+
 # Manipulation (RoboVLMs-style VLA): tabletop demonstrations in CALVIN format, shards, the tiny VLA, offline
 # evaluation on held-out windows, then closed loop per task and over 5-task chains beside the scripted
 # expert (upper bound) and the zero action (baseline). Independent of make demo.
@@ -173,19 +191,11 @@ MANIP := data/manip
 MANIP_EVAL := --episodes 3 --chains 5 --num-envs 4 --max-steps 240
 demo-manip: tokenizer  ## manipulation: synth (pybullet) -> CALVIN shards -> train the tiny VLA -> offline and closed-loop eval
 	$(BIN)/streamvln-manip synth --out $(MANIP) --episodes 160 --val-episodes 16 --max-tasks 2 --workers 2
-	$(BIN)/streamvln-shards calvin --src $(MANIP)/training --tokenizer $(TOKENIZER) --out shards \
-		--config configs/shards/calvin_demo.yaml --quiet
-	$(BIN)/streamvln-shards calvin --src $(MANIP)/validation --tokenizer $(TOKENIZER) --out shards \
-		--config configs/shards/calvin_demo.yaml --split val --quiet
+	$(call calvin_shards,$(MANIP),shards)
 	tools/peek shards/manip
 	tools/peek shards/manip --verify
 	tools/peek shards/manip --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,manip) --sheet shards/peek-manip.png
-	rm -rf runs/manip
-	$(BIN)/streamvln-train --shards configs/data/manip_demo.yaml --config configs/train/manip_demo.yaml --output-dir runs/manip
-	$(BIN)/streamvln-eval --checkpoint runs/manip/final --shards configs/data/manip_demo_val.yaml --out runs/manip/offline_eval.json
-	$(BIN)/streamvln-manip eval --checkpoint runs/manip/final $(MANIP_EVAL) --out runs/manip/closed_loop
-	$(BIN)/streamvln-manip eval --policy expert $(MANIP_EVAL) --out runs/manip/closed_loop_expert
-	$(BIN)/streamvln-manip eval --policy zero $(MANIP_EVAL) --out runs/manip/closed_loop_zero
+	$(call vla_run,runs/manip,manip_demo,$(MANIP_EVAL))
 
 # LIBERO (optional extra): the scripted expert's demonstrations of libero_object's 10 official tasks (seeded
 # placements), shards, the tiny VLA, then closed loop on LIBERO's official initial states and success
@@ -194,17 +204,9 @@ LIBERO := data/libero
 LIBERO_EVAL := --sim libero --suite libero_object --episodes 2 --num-envs 4
 demo-libero: install-libero tokenizer  ## LIBERO (extra): expert demos -> shards -> tiny VLA -> closed loop on official states
 	$(BIN)/streamvln-manip libero-synth --out $(LIBERO) --suite libero_object --episodes 6 --val-episodes 1 --workers 2
-	$(BIN)/streamvln-shards calvin --src $(LIBERO)/training --tokenizer $(TOKENIZER) --out shards/libero \
-		--config configs/shards/calvin_demo.yaml --quiet
-	$(BIN)/streamvln-shards calvin --src $(LIBERO)/validation --tokenizer $(TOKENIZER) --out shards/libero \
-		--config configs/shards/calvin_demo.yaml --split val --quiet
+	$(call calvin_shards,$(LIBERO),shards/libero)
 	tools/peek shards/libero/manip --verify
-	rm -rf runs/libero
-	$(BIN)/streamvln-train --shards configs/data/libero_demo.yaml --config configs/train/manip_demo.yaml --output-dir runs/libero
-	$(BIN)/streamvln-eval --checkpoint runs/libero/final --shards configs/data/libero_demo_val.yaml --out runs/libero/offline_eval.json
-	$(BIN)/streamvln-manip eval --checkpoint runs/libero/final $(LIBERO_EVAL) --out runs/libero/closed_loop
-	$(BIN)/streamvln-manip eval --policy expert $(LIBERO_EVAL) --out runs/libero/closed_loop_expert
-	$(BIN)/streamvln-manip eval --policy zero $(LIBERO_EVAL) --out runs/libero/closed_loop_zero
+	$(call vla_run,runs/libero,libero_demo,$(LIBERO_EVAL))
 
 test: install tokenizer  ## run the test suite (installs what it needs; LIBERO's tests skip without the extra)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
