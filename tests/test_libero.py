@@ -20,7 +20,8 @@ except LiberoUnavailable as e:
 
 from pipeline.manip import run_calvin  # noqa: E402
 from streamvln.manip.closed_loop import evaluate  # noqa: E402
-from streamvln.manip.libero import LiberoEnv, LiberoSim, init_states, select_tasks, suite_tasks  # noqa: E402
+from streamvln.manip.libero import (  # noqa: E402
+    LiberoEnv, LiberoSim, init_states, package_version, select_tasks, suite_tasks)
 from streamvln.manip.libero_synth import LiberoSynthConfig, synthesize  # noqa: E402
 from streamvln.manip.policy import ExpertPolicy, VLAPolicy, ZeroPolicy  # noqa: E402
 from test_manip import TINY_VLA, W, build_model_from, shard_cfg  # noqa: E402
@@ -79,6 +80,7 @@ def test_expert_and_baselines_in_closed_loop_on_official_states(tmp_path, soup, 
                        sim=sim, num_envs=2, progress=False)
     assert summary["tasks"]["per_task"][soup.name] == {"success": 1.0, "attempts": 2}
     assert summary["config"]["env"]["suite"] == SUITE and summary["config"]["max_steps"] == 280
+    assert summary["config"]["env"]["libero"] == package_version()
     rows = [json.loads(line) for line in (tmp_path / "expert" / "tasks.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == [0, 1] and all(r["completed"] == 1 for r in rows)  # init states 0 and 1
     zero = evaluate(ZeroPolicy(), tmp_path / "zero", tasks=[soup.name], episodes=1, chains=0, sim=sim,
@@ -104,9 +106,18 @@ def test_libero_synth_writes_calvin_format_that_shards(tmp_path, tokenizer_dir):
     with np.load(files[0], allow_pickle=False) as f:
         assert f["rgb_static"].shape == (128, 128, 3) and f["rel_actions"].shape == (7,)
         assert np.abs(f["rel_actions"][:6]).max() <= 0.65  # within the CALVIN normalisation's clip
+    assert json.loads((tmp_path / "a" / "synth_config.json").read_text())["libero"] == package_version()
     # deterministic: a second run writes the same bytes
     synthesize(tmp_path / "b", cfg, progress=False)
     assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted((tmp_path / "b" / "training").glob("*.npz"))]
+    # resumable: an episode whose marker is missing (killed before it) is done again, and only it
+    (split / ".done" / "000000.json").unlink()
+    files[-1].unlink()
+    again = synthesize(tmp_path / "a", cfg, progress=False)
+    assert again["written_now"] == 1 and again["training"] == train
+    assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted((tmp_path / "b" / "training").glob("*.npz"))]
+    with pytest.raises(ValueError, match="other options"):
+        synthesize(tmp_path / "a", LiberoSynthConfig(SUITE, "0", episodes=2, val_episodes=0, seed=3), progress=False)
     shards = run_calvin(split, tmp_path / "shards", shard_cfg(), tokenizer_dir, progress=False)
     assert shards["manifest"]["counts"]["samples_written"] == train["frames"] - W  # as the tabletop synth test
     # a task whose goal is not one In/On predicate is counted as a reject, with no frames

