@@ -29,7 +29,9 @@ class SimConfig:
     turn_angle: float = 15.0
     max_steps: int = 500
     agent_radius: float = 0.18
-    success_distance: float = 3.0
+    # None: each episode's goal radius (R2R's 3.0 m, ObjectNav's 1.0 m on the easier tiers), 3.0 m where a goal
+    # has none; a number overrides every episode's, as Habitat's SUCCESS_DISTANCE does
+    success_distance: float | None = None
     grid_resolution: float = 0.05
     grid_margin: float = 0.05  # planning clearance on top of the agent radius
 
@@ -39,10 +41,18 @@ class SimConfig:
         if not 1.0 <= self.hfov < 180.0:
             raise ValueError(f"hfov must be in [1, 180), got {self.hfov}")
         for name in ("forward_step", "turn_angle", "agent_radius", "success_distance", "grid_resolution"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_steps < 1:
             raise ValueError("max_steps must be at least 1")
+
+
+def success_distance(config: SimConfig, episode) -> float:
+    """The distance within which STOP succeeds: the config's if set, else the episode goal's radius, else 3.0."""
+    if config.success_distance is not None:
+        return float(config.success_distance)
+    radius = episode.goals[0].get("radius") if episode.goals else None
+    return 3.0 if radius is None else float(radius)
 
 
 @dataclass

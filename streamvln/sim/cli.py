@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -17,7 +16,9 @@ from pipeline.config import ConfigError, load_config
 
 from .base import SimConfig, SimulatorError
 from .episodes import EpisodeFileError, EpisodeGenConfig, generate_episodes, read_episodes, write_episodes
+from .tiers import TIERS, tier_of
 from .trajectories import TrajectoryConfig, write_trajectories
+from .world import SceneError
 
 ERRORS = (ConfigError, EpisodeFileError, SimulatorError, ValueError, OSError)
 
@@ -35,24 +36,27 @@ def main():
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for <split>.json.gz")
 @click.option("--split", default=None, help="train | val_seen | val_unseen | test")
+@click.option("--tier", type=click.Choice(list(TIERS)), default=None,
+              help="the task ladder's rung [r2r]: " + "; ".join(f"{k}: {v}" for k, v in TIERS.items()))
 @click.option("--scenes", type=int, default=None, help="number of scenes")
 @click.option("--per-scene", type=int, default=None, help="paths per scene (each gives several instructions)")
 @click.option("--first-scene", type=int, default=None)
 @click.option("--seed", type=int, default=None, help="episode sampling seed (scenes come from the split's pool)")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="EpisodeGenConfig YAML")
-def episodes(out, split, scenes, per_scene, first_scene, seed, config_path):
-    """Generate VLN-CE R2R-format episodes over procedural scenes."""
+def episodes(out, split, tier, scenes, per_scene, first_scene, seed, config_path):
+    """Generate VLN-CE R2R-format episodes over procedural scenes, on one rung of the task ladder."""
     try:
-        cfg = load_config(EpisodeGenConfig, config_path, {"split": split, "scenes": scenes, "per_scene": per_scene,
-                                                          "first_scene": first_scene, "seed": seed})
+        cfg = load_config(EpisodeGenConfig, config_path, {"split": split, "tier": tier, "scenes": scenes,
+                                                          "per_scene": per_scene, "first_scene": first_scene,
+                                                          "seed": seed})
         with tqdm(total=cfg.scenes, desc="scenes", disable=None) as bar:
             eps, short = generate_episodes(cfg, bar.update)
         path = Path(out) / f"{cfg.split}.json.gz"
-        write_episodes(path, eps, meta={"config": asdict(cfg)})
+        write_episodes(path, eps, meta={"config": cfg.meta()})
     except ERRORS as e:
         _fail(e)
     paths = len({e.trajectory_id for e in eps})
-    click.echo(f"wrote {path}: {len(eps)} episodes, {paths} paths, {cfg.scenes} scenes")
+    click.echo(f"wrote {path}: {len(eps)} episodes, {paths} paths, {cfg.scenes} scenes (tier {cfg.tier})")
     for s in short:
         click.echo(f"  {s['scene_id']}: only {s['paths']} of {s['wanted']} paths fit the distance limits")
 
@@ -129,6 +133,11 @@ def inspect(episodes_path, jsonl):
     geo = [e.info.get("geodesic_distance") for e in eps if isinstance(e.info.get("geodesic_distance"), (int, float))]
     click.echo(f"{episodes_path}: {len(eps)} episodes, {len({str(e.trajectory_id) for e in eps})} trajectories, "
                f"{len(scenes)} scenes")
+    tiers = Counter(_tier(e.scene_id) for e in eps)
+    radii = Counter(e.goals[0].get("radius") for e in eps)
+    click.echo("  tier: " + ", ".join(f"{t} ({n} episodes)" for t, n in sorted(tiers.items())) +
+               "; success radius: " + ", ".join(f"{'none (3.0 m)' if r is None else f'{r:g} m'} ({n})"
+                                                for r, n in sorted(radii.items(), key=lambda kv: str(kv[0]))))
     if eps:
         click.echo(f"  instruction words: mean {np.mean(words):.1f}, max {max(words)}")
         click.echo(f"  reference path waypoints: mean {np.mean([len(e.reference_path) for e in eps]):.1f}")
@@ -137,6 +146,13 @@ def inspect(episodes_path, jsonl):
     if jsonl:
         Path(jsonl).write_text("".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in eps))
         click.echo(f"wrote {jsonl}")
+
+
+def _tier(scene_id: str) -> str:
+    try:
+        return tier_of(scene_id)
+    except SceneError:
+        return "not procedural"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """VLN-CE R2R/RxR episode files ({split}.json.gz): reading (strict, errors name file and position), writing, generation.
 
-Generated episodes start in one room and end next to a named object in another: the reference path
+Generated episodes of the `r2r` tier start in one room and end next to a named object in another: the reference path
 is the geodesic shortest path (waypoints at most `waypoint_spacing` apart, as R2R's nav-graph nodes
 are about 2 m apart), and every path gets several instructions, each its own episode sharing the
-path's trajectory_id, as in R2R.
+path's trajectory_id, as in R2R. The easier rungs of the task ladder (tiers.py) give one episode a path.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import gzip
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ import numpy as np
 from .base import heading_to_quaternion, quaternion_to_heading
 from .instructions import r2r_instruction, read_route, rxr_instruction
 from .navgrid import NavGrid
-from .world import GENERATOR_VERSION, SPLIT_POOLS, generate_scene, parse_scene_id, scene_id_for
+from .tiers import TIER_DEFAULTS, TIER_VERSION, TIERS, build_scene, sample_tier_path, tier_scene_id
+from .world import GENERATOR_VERSION, SPLIT_POOLS, parse_scene_id, scene_id_for
 
 
 class EpisodeFileError(ValueError):
@@ -154,44 +155,69 @@ def write_episodes(path: str | Path, episodes: list[NavEpisode], meta: dict | No
 @dataclass
 class EpisodeGenConfig:
     split: str = "train"
+    tier: str = "r2r"  # the task ladder's rung (tiers.TIERS): room | neighbour | r2r
     scenes: int = 40
-    per_scene: int = 4  # paths per scene; each path gives r2r_per_path + rxr_per_path episodes
+    per_scene: int = 4  # paths per scene; r2r: each gives r2r_per_path + rxr_per_path episodes, other tiers one
     first_scene: int = 0
     seed: int = 0
     r2r_per_path: int = 2
     rxr_per_path: int = 1
-    min_geodesic: float = 4.0
-    max_geodesic: float = 25.0
+    min_geodesic: float | None = None  # None: the tier's (r2r 4.0, room and neighbour 2.5)
+    max_geodesic: float | None = None  # None: the tier's (25.0)
     waypoint_spacing: float = 2.0
-    goal_radius: float = 3.0  # the success distance, as VLN-CE R2R goals carry it
-    min_rooms: int = 2
+    goal_radius: float | None = None  # the success distance each goal carries; None: the tier's (r2r 3.0, else 1.0)
+    min_rooms: int = 2  # r2r scenes only
     max_rooms: int = 6
     agent_radius: float = 0.18
 
     def validate(self):
         if self.split not in SPLIT_POOLS:
             raise ValueError(f"unknown split {self.split!r}; known: {', '.join(SPLIT_POOLS)}")
+        if self.tier not in TIERS:
+            raise ValueError(f"unknown tier {self.tier!r}; known: {', '.join(TIERS)}")
         if self.scenes < 1 or self.per_scene < 1 or self.r2r_per_path + self.rxr_per_path < 1:
             raise ValueError("scenes, per_scene and instructions per path must be at least 1")
         if not 2 <= self.min_rooms <= self.max_rooms <= 6:
             raise ValueError("rooms per scene must satisfy 2 <= min_rooms <= max_rooms <= 6")
+        if (self.min_rooms, self.max_rooms) != (2, 6):
+            # the simulator rebuilds a scene from its id alone, with 2-6 rooms: other bounds would
+            # describe episodes in scenes that no simulator builds
+            raise ValueError("min_rooms/max_rooms other than 2 and 6 are not supported: scenes are rebuilt from "
+                             "their id alone")
+
+    def resolved(self) -> "EpisodeGenConfig":
+        """A copy with the tier's defaults filled in (what generation uses and the file records)."""
+        radius, lo, hi = TIER_DEFAULTS[self.tier]
+        return replace(self, goal_radius=radius if self.goal_radius is None else self.goal_radius,
+                       min_geodesic=lo if self.min_geodesic is None else self.min_geodesic,
+                       max_geodesic=hi if self.max_geodesic is None else self.max_geodesic)
+
+    def meta(self) -> dict:
+        """What the episodes file records: the resolved config (an r2r file keeps today's bytes: no tier key)."""
+        out = asdict(self.resolved())
+        if self.tier == "r2r":
+            del out["tier"]
+        return out
 
 
 def generate_episodes(cfg: EpisodeGenConfig, progress=None) -> tuple[list[NavEpisode], list[dict]]:
     """Episodes for `cfg.scenes` scenes of the split's pool; returns (episodes, scenes that yielded too few)."""
     cfg.validate()
+    cfg = cfg.resolved()
     episodes, shortfalls = [], []
     for s in range(cfg.first_scene, cfg.first_scene + cfg.scenes):
-        scene_id = scene_id_for(cfg.split, s)
-        spec = generate_scene(scene_id, cfg.min_rooms, cfg.max_rooms)
+        scene_id = tier_scene_id(cfg.tier, scene_id_for(cfg.split, s))
+        spec = build_scene(scene_id)
         grid = NavGrid(spec, cfg.agent_radius)
         split_code = list(SPLIT_POOLS).index(cfg.split)
-        rng = np.random.default_rng([GENERATOR_VERSION, cfg.seed, split_code, s])
+        seed = [GENERATOR_VERSION, cfg.seed, split_code, s]
+        rng = np.random.default_rng(seed if cfg.tier == "r2r" else seed + [list(TIERS).index(cfg.tier) + 11])
         made = 0
         for _attempt in range(cfg.per_scene * 20):
             if made == cfg.per_scene:
                 break
-            path_eps = _sample_path(spec, grid, rng, cfg, len(episodes), f"{scene_id}:{made}")
+            sample = _sample_path if cfg.tier == "r2r" else _sample_tier_path
+            path_eps = sample(spec, grid, rng, cfg, len(episodes), f"{scene_id}:{made}")
             if path_eps:
                 episodes += path_eps
                 made += 1
@@ -205,6 +231,23 @@ def generate_episodes(cfg: EpisodeGenConfig, progress=None) -> tuple[list[NavEpi
     for ep in episodes:
         ep.trajectory_id = trajectories.setdefault(ep.trajectory_id, len(trajectories))
     return episodes, shortfalls
+
+
+def _sample_tier_path(spec, grid: NavGrid, rng, cfg: EpisodeGenConfig, base: int, path_key: str) -> list[NavEpisode]:
+    """One episode of an easier rung: the instruction names the goal (tiers.py)."""
+    draw = sample_tier_path(spec, grid, rng, cfg.tier, cfg.min_geodesic, cfg.max_geodesic, _goal_point)
+    if draw is None:
+        return []
+    (x, z), goal, pool_index = draw["start"], draw["goal"], parse_scene_id(spec.scene_id)
+    return [NavEpisode(
+        episode_id=base, trajectory_id=path_key, scene_id=spec.scene_id,
+        start_position=[x, 0.0, z], start_rotation=[round(v, 6) for v in heading_to_quaternion(draw["heading"])],
+        goals=[{"position": [draw["goal_xz"][0], 0.0, draw["goal_xz"][1]], "radius": cfg.goal_radius}],
+        reference_path=[[round(px, 3), 0.0, round(pz, 3)] for px, pz in _waypoints(draw["path"], cfg.waypoint_spacing)],
+        instruction={"instruction_text": draw["instruction"], "style": cfg.tier},
+        info={"geodesic_distance": round(draw["length"], 4), "goal_object": goal.name, "tier": cfg.tier,
+              "scene_pool": pool_index[0], "scene_index": pool_index[1], "generator_version": GENERATOR_VERSION,
+              "tier_version": TIER_VERSION})]
 
 
 def _sample_path(spec, grid: NavGrid, rng, cfg: EpisodeGenConfig, base: int, path_key: str) -> list[NavEpisode]:

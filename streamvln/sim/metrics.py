@@ -104,4 +104,6 @@ class EpisodeMeasures:
             "steps": self.steps,
             "collisions": self.collisions,
             "geodesic_start": self.d0,
+            "stopped": float(self.stop_called),
+            "success_distance": self.success_distance,
         }

@@ -15,11 +15,13 @@ import numpy as np
 import streamvln.sim  # noqa: F401  (sets PYGLET_HEADLESS before miniworld imports pyglet)
 
 from . import expert
-from .base import FORWARD, LEFT, RIGHT, STOP, NavSimulator, Observation, SimConfig, SimulatorError, wrap
+from .base import (FORWARD, LEFT, RIGHT, STOP, NavSimulator, Observation, SimConfig, SimulatorError, success_distance,
+                   wrap)
 from .episodes import NavEpisode
 from .metrics import EpisodeMeasures
 from .navgrid import NavGrid
-from .world import DOOR_HEIGHT, KINDS, WALL_HEIGHT, SceneError, SceneSpec, generate_scene
+from .tiers import build_scene
+from .world import DOOR_HEIGHT, KINDS, WALL_HEIGHT, SceneError, SceneSpec
 
 
 def _miniworld():
@@ -188,7 +190,7 @@ class MiniWorldSim(NavSimulator):
     def scene(self, scene_id: str) -> tuple[SceneSpec, NavGrid]:
         if scene_id not in self._grids:
             try:
-                spec = self._custom.get(scene_id) or generate_scene(scene_id)
+                spec = self._custom.get(scene_id) or build_scene(scene_id)
             except SceneError as e:
                 raise SimulatorError(str(e), "unknown scene") from None
             self._grids[scene_id] = (spec, NavGrid(spec, self.config.agent_radius, self.config.grid_resolution,
@@ -226,7 +228,7 @@ class MiniWorldSim(NavSimulator):
         reference = [[p[0], p[1], p[2]] for p in episode.reference_path] or [episode.start_position,
                                                                              episode.goal_position]
         self._measures = EpisodeMeasures(lambda p: self.geodesic(p, episode.goal_position), obs.position,
-                                         reference, self.config.success_distance, self.config.forward_step)
+                                         reference, success_distance(self.config, episode), self.config.forward_step)
         return obs
 
     def step(self, action: int) -> Observation:

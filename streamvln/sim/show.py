@@ -21,8 +21,9 @@ OBJECT_BGR = {"red": (60, 60, 220), "green": (60, 180, 60), "blue": (220, 90, 40
 
 
 def top_down_map(spec: SceneSpec, episode: NavEpisode | None = None, agent_path=None, px_per_m: float = 32.0,
-                 success_distance: float = 3.0) -> np.ndarray:
-    """BGR uint8 map; reference path green, walked path blue, goal red with the success circle."""
+                 success_distance: float | None = None) -> np.ndarray:
+    """BGR uint8 map; reference path green, walked path blue, goal red with the success circle (the goal's
+    own radius unless `success_distance` is given)."""
     min_x, max_x, min_z, max_z = spec.bounds()
     pad = 1.0
     w = int(math.ceil((max_x - min_x + 2 * pad) * px_per_m))
@@ -45,7 +46,8 @@ def top_down_map(spec: SceneSpec, episode: NavEpisode | None = None, agent_path=
         cv2.putText(img, o.name, px(o.x + o.radius, o.z), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
     if episode is not None:
         goal = episode.goal_position
-        cv2.circle(img, px(goal[0], goal[2]), int(success_distance * px_per_m), (80, 80, 230), 1, cv2.LINE_AA)
+        radius = success_distance or episode.goals[0].get("radius") or 3.0
+        cv2.circle(img, px(goal[0], goal[2]), int(radius * px_per_m), (80, 80, 230), 1, cv2.LINE_AA)
         ref = np.array([px(p[0], p[2]) for p in episode.reference_path], np.int32)
         if len(ref) > 1:
             cv2.polylines(img, [ref], False, (40, 160, 40), 2, cv2.LINE_AA)
@@ -68,19 +70,25 @@ def side_by_side(frame_rgb: np.ndarray, map_bgr: np.ndarray, caption: str = "") 
     scale = h / frame_rgb.shape[0]
     frame = cv2.resize(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR), (int(frame_rgb.shape[1] * scale), h),
                        interpolation=cv2.INTER_AREA)
-    out = np.concatenate([frame, map_bgr], axis=1)
-    if caption:
-        lines, width = [], max(out.shape[1] // 7, 20)
-        words, line = caption.split(), ""
-        for word in words:
+    return with_caption(np.concatenate([frame, map_bgr], axis=1), caption)
+
+
+def with_caption(img: np.ndarray, *paragraphs: str) -> np.ndarray:
+    """The picture with a white strip below it holding the text, word-wrapped, one paragraph after another."""
+    lines, width = [], max(img.shape[1] // 7, 20)
+    for text in paragraphs:
+        line = ""
+        for word in text.split():
             if len(line) + len(word) + 1 > width:
                 lines.append(line)
                 line = word
             else:
                 line = f"{line} {word}".strip()
-        lines.append(line)
-        strip = np.full((18 * len(lines) + 8, out.shape[1], 3), 255, np.uint8)
-        for i, text in enumerate(lines):
-            cv2.putText(strip, text, (6, 18 * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-        out = np.concatenate([out, strip], axis=0)
-    return out
+        if line:
+            lines.append(line)
+    if not lines:
+        return img
+    strip = np.full((18 * len(lines) + 8, img.shape[1], 3), 255, np.uint8)
+    for i, text in enumerate(lines):
+        cv2.putText(strip, text, (6, 18 * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([img, strip], axis=0)

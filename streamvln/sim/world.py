@@ -20,6 +20,7 @@ WALL_HEIGHT = 2.74
 DOOR_HEIGHT = 2.2
 ROOM_PITCH = 8.5  # lattice spacing of room centres (m)
 POOLS = {"train": 1, "unseen": 2, "test": 3}  # train and val_seen share "train"; val_unseen uses "unseen"
+TIER_PREFIXES = ("room", "neighbour")  # the easier rungs' scene id prefixes (tiers.py); r2r ids have none
 SPLIT_POOLS = {"train": "train", "val_seen": "train", "val_unseen": "unseen", "test": "test"}
 
 # Wall textures and the word instructions use for a room with them (unique within a scene).
@@ -204,16 +205,20 @@ def scene_id_for(split: str, index: int) -> str:
 
 
 def parse_scene_id(scene_id: str) -> tuple[str, int]:
-    m = re.fullmatch(r"(train|unseen|test)_(\d{4,})", str(scene_id))
+    """(pool, index) of a procedural scene id; an easier rung of the task ladder prefixes its tier (tiers.py)."""
+    m = re.fullmatch(r"(?:(?:%s)-)?(train|unseen|test)_(\d{4,})" % "|".join(TIER_PREFIXES), str(scene_id))
     if not m:
-        raise SceneError(f"unknown scene {scene_id!r}: procedural scene ids look like train_0003, unseen_0012 "
-                         f"or test_0001 (a Habitat scene needs a Habitat simulator)")
+        raise SceneError(f"unknown scene {scene_id!r}: procedural scene ids look like train_0003, unseen_0012, "
+                         f"test_0001 or room-train_0003 (a Habitat scene needs a Habitat simulator)")
     return m.group(1), int(m.group(2))
 
 
 def generate_scene(scene_id: str, min_rooms: int = 2, max_rooms: int = 6) -> SceneSpec:
-    """The scene a scene id names: a pure function of the id (and the generator version)."""
+    """The R2R-tier scene a scene id names: a pure function of the id (and the generator version)."""
     pool, index = parse_scene_id(scene_id)
+    if "-" in scene_id:
+        raise SceneError(f"{scene_id} is a scene of the {scene_id.split('-')[0]!r} tier: build it with "
+                         f"streamvln.sim.tiers.build_scene")
     rng = np.random.default_rng([GENERATOR_VERSION, POOLS[pool], index])
     n_rooms = int(rng.integers(min_rooms, max_rooms + 1))
     slots, edges = _grow_lattice(rng, n_rooms)
