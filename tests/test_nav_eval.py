@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from sim_helpers import nav_episode
 from streamvln.agent.policies import ExpertPolicy, ForwardPolicy, RandomPolicy
 from streamvln.agent.rollout import rollout
-from streamvln.nav_eval import main as nav_eval
+from streamvln.nav_eval import evaluate_cmd as nav_eval
 from streamvln.sim.base import SimConfig
 from streamvln.sim.episodes import EpisodeGenConfig, generate_episodes, write_episodes
 from streamvln.sim.miniworld_sim import MiniWorldSim
