@@ -43,6 +43,12 @@ class TrainConfig:
     bf16: bool = True  # on GPUs; CPU runs are fp32
     gradient_checkpointing: bool = True
     mm_tunable_parts: str = "mm_vision_tower,mm_mlp_adapter,mm_language_model"
+    # Options for small models trained on CPU (docs/training.md), off by default as in the reference:
+    # output_vocab "labels": the LM head predicts only the token ids the training mix has as labels (scanned
+    # at start, kept in the exported config, masked the same way at inference); "full": the whole vocabulary.
+    output_vocab: str = "full"
+    # freeze the input embedding (and so the tied LM head): no gradient or Adam state over ~152K x hidden
+    freeze_embeddings: bool = False
     lora: LoraSettings | None = None
     zero_stage: int = 2  # used when no --deepspeed config file is given
     num_workers: int = 2
@@ -67,6 +73,8 @@ class TrainConfig:
         unknown = set(parts) - {"mm_vision_tower", "mm_mlp_adapter", "mm_language_model"}
         if unknown or not parts:
             raise ConfigError(f"mm_tunable_parts: unknown or empty {sorted(unknown)}")
+        if self.output_vocab not in ("full", "labels"):
+            raise ConfigError(f"output_vocab must be 'full' or 'labels', got {self.output_vocab!r}")
         if self.grad_accum < 1 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError("grad_accum must be >= 1 and warmup_ratio in [0, 1)")
 

@@ -22,6 +22,7 @@ import deepspeed  # noqa: E402
 from . import checkpoint  # noqa: E402
 from .config import ConfigError, TrainConfig, load_train_config  # noqa: E402
 from .data import MixConfig, build_loader, load_mix  # noqa: E402
+from .data.loader import label_token_ids  # noqa: E402
 from .data.collate import to_device  # noqa: E402
 from .evaluate import evaluate, format_report  # noqa: E402
 from .model.build import apply_lora, build_model, optimizer_groups, set_tunable_parts  # noqa: E402
@@ -104,6 +105,22 @@ def check_manip_data(config, tasks) -> None:
             raise ValueError(f"task {t.name!r}: shards without the gripper camera, the model has use_hand_rgb: true")
 
 
+def apply_small_model_options(model, cfg: TrainConfig, loader, rank: int) -> None:
+    """output_vocab and freeze_embeddings (docs/training.md); each refuses a model it cannot apply to."""
+    if cfg.output_vocab == "labels":
+        if not hasattr(model, "set_output_vocab"):
+            raise ConfigError("output_vocab: labels applies to StreamVLN models, not the VLA model")
+        ids = set(label_token_ids(loader.plan)) | set(model.config.output_vocab or [])  # a checkpoint's stay
+        model.set_output_vocab(sorted(ids))
+        if rank == 0:
+            print(f"output_vocab: labels -> the head predicts {len(ids)} token ids")
+    elif getattr(model.config, "output_vocab", None):
+        raise ConfigError(f"the checkpoint predicts a restricted output vocabulary ({len(model.config.output_vocab)} "
+                          f"ids): train it on with `output_vocab: labels`")
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+
+
 class Metrics:
     """Accumulates one optimizer step's losses per task, tokens and data-wait time; writes metrics.jsonl."""
 
@@ -164,12 +181,13 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
     bf16 = cfg.bf16 and device.type == "cuda"
     model = build_model(cfg.model_config, cfg.checkpoint)
     set_tunable_parts(model, cfg.mm_tunable_parts)
+    loader = build_loader(mix, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+                          pin_memory=device.type == "cuda")
+    apply_small_model_options(model, cfg, loader, rank)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
         model = apply_lora(model, cfg.lora)
-    loader = build_loader(mix, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                          pin_memory=device.type == "cuda")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * loader.batches_per_epoch / cfg.grad_accum)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.lr, cfg.vision_lr, cfg.projector_lr, cfg.weight_decay),
                                   betas=(0.9, 0.999))
@@ -203,7 +221,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
         # micro-batches (DeepSpeed divides by world size x accumulation, so that factor is put back)
         scale = world_size * cfg.grad_accum / max(1.0, labelled_tokens(batches, world_size, device, count))
         for i, batch in enumerate(batches):
-            out = engine(**to_device(batch, device))
+            out = engine(**to_device(batch, device), predictions=False)
             engine.backward(out["loss_sum"] * scale if cfg.loss_normalization == "global_tokens" else out["loss"])
             engine.step()
             metrics.add(batch, out, wait if i == 0 else 0.0)

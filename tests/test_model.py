@@ -108,6 +108,38 @@ def test_labelled_only_loss_equals_full_loss_and_gradients(model):
     model.zero_grad()
 
 
+def test_restricted_output_vocab_is_the_full_softmax_masked_to_it(tmp_path):
+    """output_vocab: the training loss and its gradients equal the full-vocabulary loss over logits with -inf
+    outside the vocabulary, the head gives exactly those logits to inference, and a save keeps it."""
+    torch.manual_seed(0)
+    m = StreamVLNForCausalLM(tiny_config()).eval()
+    vocab = [3, 9, 10, 11, 12, 13, 500]
+    m.set_output_vocab(vocab)
+    out = m(**hand_batch())
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    full = m(**hand_batch(), full_logits=True)  # the head's full logits: -inf outside the vocabulary
+    full["loss"].backward()
+    assert torch.allclose(out["loss"], full["loss"], atol=1e-6)
+    assert torch.equal(out["predictions"], full["predictions"])
+    for n, p in m.named_parameters():
+        if n in grads:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+    h = torch.randn(5, 32)
+    logits = m.lm_head(h)
+    assert torch.isinf(logits).sum() == 5 * (1000 - len(vocab))
+    assert set(logits.argmax(-1).tolist()) <= set(vocab)
+    assert torch.allclose(logits[:, vocab], h @ m.lm_head.weight[vocab].T, atol=1e-6)
+    assert m(**hand_batch(), predictions=False)["predictions"] is None
+    m.save_pretrained(tmp_path)
+    again = StreamVLNForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert again.config.output_vocab == vocab and torch.equal(again.lm_head(h), m.lm_head(h))
+    m.set_output_vocab([3, 9])  # label 10 is outside: a clear error, not a wrong loss
+    with pytest.raises(ValueError, match=r"label token ids \[10, 11, 12, 13\] are outside the model's output_vocab"):
+        m(**hand_batch())
+
+
 def test_pooling_modes():
     x = torch.randn(3, 27 * 27, 8)
     assert pool_frames(x, "bilinear", 2).shape == (3, 196, 8)  # ceil(27 / 2) = 14 per side

@@ -220,3 +220,39 @@ def test_resume_with_another_global_batch_under_torchrun_sees_no_sample_twice(ru
     tail = max(n % 4, n % 3)  # batch mode drops each epoch's last partial global batch
     repeat = next((i for i, k in enumerate(order) if k in order[:i]), len(order))
     assert len(order) > n and n - tail <= repeat <= n, (repeat, n, len(order))
+
+
+@pytest.mark.slow
+def test_small_model_options_restrict_the_head_and_freeze_the_embedding(run_files, tmp_path):
+    """output_vocab: labels puts exactly the mix's label ids into the exported config; freeze_embeddings leaves
+    the (tied) embedding at its initial values while the rest trains; a restricted checkpoint trained on
+    without the option is refused, saying why."""
+    from streamvln.data import load_mix
+    from streamvln.data.loader import MixPlan
+    from streamvln.data.shards import SampleReader
+    from streamvln.model.build import build_model
+
+    cfg = yaml.safe_load((run_files / "train.yaml").read_text())
+    cfg.update(max_steps=3, eval_shards=None, output_vocab="labels", freeze_embeddings=True, save_every=100)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    mix = ["--shards", str(run_files / "mix.yaml")]
+    out = run("-m", "streamvln.train", *mix, "--config", str(tmp_path / "train.yaml"), "--output-dir", str(tmp_path / "run"))
+    exported = json.loads((tmp_path / "run" / "final" / "config.json").read_text())["output_vocab"]
+    plan = MixPlan(load_mix(str(run_files / "mix.yaml")), 0, 1)
+    labels, reader = set(), SampleReader()
+    for data in plan.tasks:
+        for row in range(len(data)):
+            s = reader.read(data.shard_paths[data.shard[row]], int(data.offset[row]), int(data.size[row]),
+                            str(data.keys[row]))
+            labels |= {int(t) for t in s["labels"] if t >= 0}
+    assert exported == sorted(labels) and f"predicts {len(labels)} token ids" in out.stdout
+    torch.manual_seed(cfg.get("seed", 0))  # the trainer seeds, then builds the model first
+    initial = build_model(cfg["model_config"], None).state_dict()
+    trained = weights(tmp_path / "run")
+    assert torch.equal(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
+    cfg.update(model_config=None, checkpoint=str(tmp_path / "run" / "final"), output_vocab="full")
+    (tmp_path / "on.yaml").write_text(yaml.safe_dump(cfg))
+    refused = run("-m", "streamvln.train", *mix, "--config", str(tmp_path / "on.yaml"), "--output-dir", str(tmp_path / "on"),
+                  check=False)
+    assert refused.returncode != 0 and "train it on with `output_vocab: labels`" in refused.stderr

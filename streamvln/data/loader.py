@@ -199,6 +199,23 @@ class ShardLoader:
                  sched.global_batch, saved.global_batch, self.plan.schedule.next_draws(0))
 
 
+def label_token_ids(plan: MixPlan) -> list[int]:
+    """Every token id any training sample of the mix has as a label (reads each sample once): what a restricted
+    output vocabulary (`output_vocab: labels` in the train config) must hold."""
+    ids: set[int] = set()
+    reader = SampleReader()
+    try:
+        for data in plan.tasks:
+            for row in range(len(data)):
+                sample = reader.read(data.shard_paths[data.shard[row]], int(data.offset[row]), int(data.size[row]),
+                                     str(data.keys[row]))
+                labels = np.asarray(sample["labels"])
+                ids.update(int(t) for t in np.unique(labels[labels >= 0]))
+    finally:
+        reader.close()
+    return sorted(ids)
+
+
 def build_loader(mix: MixConfig, *, rank: int = 0, world_size: int = 1, num_workers: int = 0, **kwargs) -> ShardLoader:
     """The batches of `rank` out of `world_size` for this mix; see ShardLoader."""
     return ShardLoader(mix, rank=rank, world_size=world_size, num_workers=num_workers, **kwargs)

@@ -62,8 +62,11 @@ class StreamVLNConfig(Qwen2Config):
                  mm_hidden_size: int | None = None, mm_vision_select_layer: int = -2,
                  mm_spatial_pool_mode: str = "bilinear", mm_spatial_pool_stride: int | None = REFERENCE_POOL_STRIDE,
                  mm_tunable_parts: str | None = ",".join(TUNABLE_PARTS), vision_config: dict | None = None,
-                 mm_patch_merge_type: str = "spatial_unpad", **kwargs):
+                 mm_patch_merge_type: str = "spatial_unpad", output_vocab: list[int] | None = None, **kwargs):
         self.mm_vision_tower = mm_vision_tower
+        # Token ids the LM head may predict (an option for tiny models, off by default: the reference predicts
+        # the whole vocabulary). Set by training with `output_vocab: labels`; inference masks the rest out.
+        self.output_vocab = sorted(int(t) for t in output_vocab) if output_vocab else None
         self.mm_projector_type = mm_projector_type
         self.mm_vision_select_layer = mm_vision_select_layer
         self.mm_spatial_pool_mode = mm_spatial_pool_mode

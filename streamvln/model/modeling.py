@@ -69,6 +69,49 @@ def pool_frames(features: torch.Tensor, mode: str, stride: int) -> torch.Tensor:
     return grid.flatten(2).transpose(1, 2)
 
 
+class VocabHead(nn.Linear):
+    """The LM head (tied to the input embedding as configured), optionally restricted to an output vocabulary.
+
+    Unrestricted it is exactly nn.Linear. Restricted, `restricted(h)` gives logits over the allowed ids only
+    (what training uses: no softmax, gradient or argmax over the other ~151K rows), and `forward` gives
+    full-vocabulary logits with -inf at every other id, so greedy decoding, sampling and log-probabilities
+    elsewhere (the agent, RL) see the same distribution training shaped.
+    """
+
+    def __init__(self, hidden: int, vocab: int, output_vocab: list[int] | None = None):
+        super().__init__(hidden, vocab, bias=False)
+        self.set_output_vocab(output_vocab)
+
+    def set_output_vocab(self, ids: list[int] | None) -> None:
+        ids = sorted(int(t) for t in ids) if ids else None
+        if ids and (ids[0] < 0 or ids[-1] >= self.out_features):
+            raise ValueError(f"output_vocab ids must lie in [0, {self.out_features})")
+        # on the CPU even while from_pretrained builds the model on the meta device; moved per call
+        self.output_ids = None if ids is None else torch.tensor(ids, dtype=torch.long, device="cpu")
+
+    def restricted(self, hidden: torch.Tensor) -> torch.Tensor:
+        ids = self.output_ids.to(hidden.device)
+        return F.linear(hidden, self.weight[ids])
+
+    def positions(self, targets: torch.Tensor) -> torch.Tensor:
+        """Each target id's index in the output vocabulary; a clear error for an id outside it."""
+        ids = self.output_ids.to(targets.device)
+        pos = torch.searchsorted(ids, targets).clamp(max=len(ids) - 1)
+        outside = ids[pos] != targets
+        if bool(outside.any()):
+            raise ValueError(f"label token ids {sorted(set(targets[outside].tolist()))[:10]} are outside the model's "
+                             f"output_vocab ({len(ids)} ids): retrain with `output_vocab: labels` on this data")
+        return pos
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.output_ids is None:
+            return super().forward(hidden)
+        ids = self.output_ids.to(hidden.device)
+        out = hidden.new_full((*hidden.shape[:-1], self.out_features), float("-inf"))
+        out[..., ids] = self.restricted(hidden)
+        return out
+
+
 class StreamVLNForCausalLM(Qwen2PreTrainedModel):
     config_class = StreamVLNConfig
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -77,8 +120,13 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
     def __init__(self, config: StreamVLNConfig):
         super().__init__(config)
         self.model = StreamVLNModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = VocabHead(config.hidden_size, config.vocab_size, getattr(config, "output_vocab", None))
         self.post_init()
+
+    def set_output_vocab(self, ids: list[int] | None) -> None:
+        """Restrict (or, with None, free) what the head predicts; kept in the config, so exports carry it."""
+        self.config.output_vocab = sorted(int(t) for t in ids) if ids else None
+        self.lm_head.set_output_vocab(self.config.output_vocab)
 
     # ------------------------------------------------------------------ vision
 
@@ -136,10 +184,10 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, labels, attention_mask, images=None, n_images=None, n_history=None,
-                full_logits: bool = False, **_batch_extras) -> dict:
+                full_logits: bool = False, predictions: bool = True, **_batch_extras) -> dict:
         """Loss over labelled positions. The LM head runs only where a label exists (full_logits=True
         computes all logits, as the reference, for comparison): at 32K positions x 152K vocabulary the
-        full logits are ~10 GB in bf16 per sample."""
+        full logits are ~10 GB in bf16 per sample. predictions=False skips the argmax (training needs none)."""
         embeds, labels, mask = self.embed_multimodal(input_ids, labels, attention_mask, images, n_images, n_history)
         hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         targets = labels[:, 1:]
@@ -149,11 +197,16 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
             labelled = targets != IGNORE_INDEX
             token_loss = token_loss[labelled]
             predictions = logits.argmax(-1)[labelled]
+        elif self.lm_head.output_ids is not None:  # restricted: softmax over the output vocabulary only
+            labelled = targets != IGNORE_INDEX
+            logits = self.lm_head.restricted(hidden[:, :-1][labelled]).float()
+            token_loss = F.cross_entropy(logits, self.lm_head.positions(targets[labelled]), reduction="none")
+            predictions = self.lm_head.output_ids.to(logits.device)[logits.argmax(-1)] if predictions else None
         else:
             labelled = targets != IGNORE_INDEX
             logits = self.lm_head(hidden[:, :-1][labelled]).float()
             token_loss = F.cross_entropy(logits, targets[labelled], reduction="none")
-            predictions = logits.argmax(-1)
+            predictions = logits.argmax(-1) if predictions else None
         sample_of_token = torch.nonzero(labelled)[:, 0]
         per_sample = torch.zeros(len(labels), device=hidden.device).index_add(0, sample_of_token, token_loss.detach())
         counts = torch.bincount(sample_of_token, minlength=len(labels))
