@@ -133,3 +133,21 @@ def test_cli_tier_recorded_and_inspected(tmp_path):
 def test_room_bounds_other_than_the_simulators_are_refused():
     with pytest.raises(ValueError, match="rebuilt from their id"):
         generate_episodes(EpisodeGenConfig(scenes=1, min_rooms=3))
+
+
+def test_goals_per_start_gives_contrastive_episodes():
+    """Episodes sharing a start (position and heading) lead to different objects: only the instruction differs."""
+    eps, short = generate_episodes(EpisodeGenConfig(split="train", tier="room", scenes=6, per_scene=2,
+                                                    goals_per_start=4))
+    groups: dict = {}
+    for ep in eps:
+        groups.setdefault((ep.scene_id, tuple(ep.start_position), tuple(ep.start_rotation)), []).append(ep)
+    # 6 scenes x 2 starts, less the starts a small room could not give two goals for (reported, not hidden)
+    assert len(groups) == 12 - sum(s["wanted"] - s["paths"] for s in short) >= 8
+    assert all(len(g) >= 2 for g in groups.values())
+    for g in groups.values():
+        assert len({e.info["goal_object"] for e in g}) == len(g)  # each to another object
+        assert len({e.instruction_text for e in g}) == len(g)
+    assert len({str(e.trajectory_id) for e in eps}) == len(eps)  # each its own expert trajectory
+    with pytest.raises(ValueError, match="goals_per_start"):
+        generate_episodes(EpisodeGenConfig(scenes=1, goals_per_start=2))

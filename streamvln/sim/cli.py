@@ -40,14 +40,17 @@ def main():
               help="the task ladder's rung [r2r]: " + "; ".join(f"{k}: {v}" for k, v in TIERS.items()))
 @click.option("--scenes", type=int, default=None, help="number of scenes")
 @click.option("--per-scene", type=int, default=None, help="paths per scene (each gives several instructions)")
+@click.option("--goals-per-start", type=int, default=None,
+              help="room/neighbour tiers: episodes sharing each start, each to another object [1]")
 @click.option("--first-scene", type=int, default=None)
 @click.option("--seed", type=int, default=None, help="episode sampling seed (scenes come from the split's pool)")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="EpisodeGenConfig YAML")
-def episodes(out, split, tier, scenes, per_scene, first_scene, seed, config_path):
+def episodes(out, split, tier, scenes, per_scene, goals_per_start, first_scene, seed, config_path):
     """Generate VLN-CE R2R-format episodes over procedural scenes, on one rung of the task ladder."""
     try:
         cfg = load_config(EpisodeGenConfig, config_path, {"split": split, "tier": tier, "scenes": scenes,
-                                                          "per_scene": per_scene, "first_scene": first_scene,
+                                                          "per_scene": per_scene, "goals_per_start": goals_per_start,
+                                                          "first_scene": first_scene,
                                                           "seed": seed})
         with tqdm(total=cfg.scenes, desc="scenes", disable=None) as bar:
             eps, short = generate_episodes(cfg, bar.update)

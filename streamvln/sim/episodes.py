@@ -20,7 +20,7 @@ import numpy as np
 from .base import heading_to_quaternion, quaternion_to_heading
 from .instructions import r2r_instruction, read_route, rxr_instruction
 from .navgrid import NavGrid
-from .tiers import TIER_DEFAULTS, TIER_VERSION, TIERS, build_scene, sample_tier_path, tier_scene_id
+from .tiers import TIER_DEFAULTS, TIER_VERSION, TIERS, build_scene, sample_tier_paths, tier_scene_id
 from .world import GENERATOR_VERSION, SPLIT_POOLS, parse_scene_id, scene_id_for
 
 
@@ -166,6 +166,9 @@ class EpisodeGenConfig:
     max_geodesic: float | None = None  # None: the tier's (25.0)
     waypoint_spacing: float = 2.0
     goal_radius: float | None = None  # the success distance each goal carries; None: the tier's (r2r 3.0, else 1.0)
+    # easier tiers: episodes sharing each start (position and heading), each to another object (training data
+    # that can only be fitted by reading the instruction); per_scene then counts starts
+    goals_per_start: int = 1
     min_rooms: int = 2  # r2r scenes only
     max_rooms: int = 6
     agent_radius: float = 0.18
@@ -179,6 +182,8 @@ class EpisodeGenConfig:
             raise ValueError("scenes, per_scene and instructions per path must be at least 1")
         if not 2 <= self.min_rooms <= self.max_rooms <= 6:
             raise ValueError("rooms per scene must satisfy 2 <= min_rooms <= max_rooms <= 6")
+        if self.goals_per_start < 1 or (self.tier == "r2r" and self.goals_per_start != 1):
+            raise ValueError("goals_per_start must be at least 1, and 1 on the r2r tier")
         if (self.min_rooms, self.max_rooms) != (2, 6):
             # the simulator rebuilds a scene from its id alone, with 2-6 rooms: other bounds would
             # describe episodes in scenes that no simulator builds
@@ -196,7 +201,7 @@ class EpisodeGenConfig:
         """What the episodes file records: the resolved config (an r2r file keeps today's bytes: no tier key)."""
         out = asdict(self.resolved())
         if self.tier == "r2r":
-            del out["tier"]
+            del out["tier"], out["goals_per_start"]
         return out
 
 
@@ -234,20 +239,26 @@ def generate_episodes(cfg: EpisodeGenConfig, progress=None) -> tuple[list[NavEpi
 
 
 def _sample_tier_path(spec, grid: NavGrid, rng, cfg: EpisodeGenConfig, base: int, path_key: str) -> list[NavEpisode]:
-    """One episode of an easier rung: the instruction names the goal (tiers.py)."""
-    draw = sample_tier_path(spec, grid, rng, cfg.tier, cfg.min_geodesic, cfg.max_geodesic, _goal_point)
-    if draw is None:
-        return []
-    (x, z), goal, pool_index = draw["start"], draw["goal"], parse_scene_id(spec.scene_id)
-    return [NavEpisode(
-        episode_id=base, trajectory_id=path_key, scene_id=spec.scene_id,
-        start_position=[x, 0.0, z], start_rotation=[round(v, 6) for v in heading_to_quaternion(draw["heading"])],
-        goals=[{"position": [draw["goal_xz"][0], 0.0, draw["goal_xz"][1]], "radius": cfg.goal_radius}],
-        reference_path=[[round(px, 3), 0.0, round(pz, 3)] for px, pz in _waypoints(draw["path"], cfg.waypoint_spacing)],
-        instruction={"instruction_text": draw["instruction"], "style": cfg.tier},
-        info={"geodesic_distance": round(draw["length"], 4), "goal_object": goal.name, "tier": cfg.tier,
-              "scene_pool": pool_index[0], "scene_index": pool_index[1], "generator_version": GENERATOR_VERSION,
-              "tier_version": TIER_VERSION})]
+    """Episodes of an easier rung (one per path; goals_per_start paths share a start): the instruction names
+    the goal (tiers.py)."""
+    draws = sample_tier_paths(spec, grid, rng, cfg.tier, cfg.min_geodesic, cfg.max_geodesic, _goal_point,
+                              cfg.goals_per_start)
+    pool, index = parse_scene_id(spec.scene_id)
+    out = []
+    for k, draw in enumerate(draws):
+        (x, z), goal = draw["start"], draw["goal"]
+        out.append(NavEpisode(
+            episode_id=base + k, trajectory_id=path_key if len(draws) == 1 else f"{path_key}:{k}",
+            scene_id=spec.scene_id, start_position=[x, 0.0, z],
+            start_rotation=[round(v, 6) for v in heading_to_quaternion(draw["heading"])],
+            goals=[{"position": [draw["goal_xz"][0], 0.0, draw["goal_xz"][1]], "radius": cfg.goal_radius}],
+            reference_path=[[round(px, 3), 0.0, round(pz, 3)] for px, pz in
+                            _waypoints(draw["path"], cfg.waypoint_spacing)],
+            instruction={"instruction_text": draw["instruction"], "style": cfg.tier},
+            info={"geodesic_distance": round(draw["length"], 4), "goal_object": goal.name, "tier": cfg.tier,
+                  "scene_pool": pool, "scene_index": index, "generator_version": GENERATOR_VERSION,
+                  "tier_version": TIER_VERSION}))
+    return out
 
 
 def _sample_path(spec, grid: NavGrid, rng, cfg: EpisodeGenConfig, base: int, path_key: str) -> list[NavEpisode]:
