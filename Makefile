@@ -24,7 +24,7 @@ DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/t
 	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install install-libero tokenizer demo-data sim-data shards dagger demo demo-dagger demo-rl demo-manip demo-libero test test-libero bench clean
+.PHONY: help install install-libero tokenizer demo-data sim-data ladder-data ladder-shards shards dagger demo demo-cotrain demo-dagger demo-rl demo-manip demo-libero test test-libero bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -91,17 +91,62 @@ shards: tokenizer demo-data sim-data  ## write shards/{nav,videoqa,scanqa,mmc4} 
 	$(BIN)/streamvln-shards mmc4 --jsonl $(DEMO)/mmc4/val.jsonl --image-root $(DEMO)/mmc4/images \
 		--config configs/shards/mmc4.yaml $(COTRAIN) --split val
 
-demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, shards, peek, stage 1, DAgger, stage 2, evaluate, closed loop
-	$(BIN)/streamvln-sim inspect --episodes $(SIM)/episodes/val_unseen.json.gz
-	$(BIN)/streamvln-sim show --episodes $(SIM)/episodes/val_unseen.json.gz --episode 3 --walk --out $(SIM)/val_unseen_ep3.png
-	tools/peek shards/nav
-	tools/peek shards/nav --verify
-	tools/peek shards/nav --tokenizer $(TOKENIZER) --no-color \
-		--sample $$($(PY) -c "import pyarrow.parquet as pq; t = pq.read_table('shards/nav/index.parquet').to_pylist(); print(next(r['key'] for r in t if r['n_history']))") \
+# The task ladder (docs/simulator.md, "Task tiers"): the demo model trains on the room rung's expert
+# trajectories, then drives 100 held-out episodes (val_unseen scenes) of every rung beside the baselines.
+LADDER := data/ladder
+ROOM_TRAJ := $(LADDER)/room/trajectory_data/SimRoom/annotations.json
+ROOM_VAL_TRAJ := $(LADDER)/room/val_unseen_trajectories/SimRoom/annotations.json
+# 200 steps: about 4x the expert's longest walks on the room and neighbour rungs, and the episode limit in
+# every demo evaluation (recorded in each summary.json); the reference's 500 only lengthens failures.
+LADDER_EVAL := --num-envs 4 --width 224 --height 168 --max-steps 200
+RUNGS := room neighbour r2r
+
+$(LADDER)/room/train.json.gz: | $(VENV)/.installed
+	$(BIN)/streamvln-sim episodes --tier room --out $(LADDER)/room --split train --scenes 300 --per-scene 4 --seed 0
+
+# held out: 100 paths on 50 unseen scenes per rung (r2r gives 3 instructions a path: every 3rd is evaluated)
+$(LADDER)/%/val_unseen.json.gz: | $(VENV)/.installed
+	$(BIN)/streamvln-sim episodes --tier $* --out $(LADDER)/$* --split val_unseen --scenes 50 --per-scene 2 --seed 1
+
+$(ROOM_TRAJ): $(LADDER)/room/train.json.gz
+	$(BIN)/streamvln-sim trajectories --episodes $< --out $(LADDER)/room/trajectory_data/SimRoom $(SIM_TRAJ)
+
+$(ROOM_VAL_TRAJ): $(LADDER)/room/val_unseen.json.gz
+	$(BIN)/streamvln-sim trajectories --episodes $< --out $(LADDER)/room/val_unseen_trajectories/SimRoom $(SIM_TRAJ)
+
+ladder-data: $(ROOM_TRAJ) $(ROOM_VAL_TRAJ) $(foreach r,$(RUNGS),$(LADDER)/$(r)/val_unseen.json.gz)  ## the ladder's episodes and the room rung's expert trajectories into data/ladder
+
+ladder-shards: tokenizer ladder-data  ## shards/ladder/nav: the room rung's expert trajectories (train, and val from unseen scenes)
+	$(BIN)/streamvln-shards nav --src $(LADDER)/room/trajectory_data/SimRoom --tokenizer $(TOKENIZER) --out shards/ladder \
+		--config configs/shards/demo.yaml --quiet
+	$(BIN)/streamvln-shards nav --src $(LADDER)/room/val_unseen_trajectories/SimRoom --tokenizer $(TOKENIZER) \
+		--out shards/ladder --config configs/shards/demo.yaml --split val --quiet
+
+demo: ladder-shards  ## fresh machine to a model that reaches its goals: sim data, shards, peek, train, evaluate, closed loop on the ladder
+	$(BIN)/streamvln-sim inspect --episodes $(LADDER)/room/val_unseen.json.gz
+	$(BIN)/streamvln-sim show --episodes $(LADDER)/room/val_unseen.json.gz --episode 3 --walk --out $(LADDER)/room_val_ep3.png
+	tools/peek shards/ladder/nav
+	tools/peek shards/ladder/nav --verify
+	tools/peek shards/ladder/nav --tokenizer $(TOKENIZER) --no-color \
+		--sample $$($(PY) -c "import pyarrow.parquet as pq; t = pq.read_table('shards/ladder/nav/index.parquet').to_pylist(); print(next(r['key'] for r in t if r['n_history']))") \
 		--sheet shards/peek-example.png
 	rm -rf runs/demo
 	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo.yaml --output-dir runs/demo
 	$(BIN)/streamvln-eval --checkpoint runs/demo/final --shards configs/data/demo_val.yaml --out runs/demo/eval.json
+	@echo "closed loop on held-out scenes (val_unseen) of every rung: the demo model beside the baselines:"
+	rm -rf runs/demo/ladder
+	for r in $(RUNGS); do case $$r in r2r) every=3;; *) every=1;; esac; \
+		$(BIN)/streamvln-nav-eval --checkpoint runs/demo/final --episodes $(LADDER)/$$r/val_unseen.json.gz --every $$every \
+			$(LADDER_EVAL) --output runs/demo/ladder/$$r/model --maps || exit 1; \
+		for p in expert forward random; do $(BIN)/streamvln-nav-eval --policy $$p --episodes $(LADDER)/$$r/val_unseen.json.gz \
+			--every $$every $(LADDER_EVAL) --output runs/demo/ladder/$$r/$$p || exit 1; done; done
+	tools/ladder_table runs/demo/ladder
+
+# After make demo: the co-training story on the R2R rung's data. The stage-1 model is evaluated on every
+# co-training task's held-out samples, collects DAgger data on R2R training episodes (make dagger), and is
+# trained on for stage 2 on the five-task mix (navigation, DAgger, video QA, ScanQA, MMC4).
+demo-cotrain: shards  ## after make demo: stage-1 model on the co-training tasks, DAgger, stage 2, evaluate
+	@test -d runs/demo/final || { echo "no runs/demo/final: run make demo first"; exit 2; }
 	tools/peek shards/videoqa --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,videoqa) --sheet shards/peek-videoqa.png
 	tools/peek shards/mmc4 --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,mmc4) --sheet shards/peek-mmc4.png
 	@echo "stage 1 model on every task's held-out samples (before stage 2):"
@@ -110,12 +155,8 @@ demo: shards  ## fresh machine to trained models: install, tokenizer, sim data, 
 	rm -rf runs/demo_stage2
 	$(BIN)/streamvln-train --shards configs/data/demo_stage2.yaml --config configs/train/demo_stage2.yaml --output-dir runs/demo_stage2
 	$(BIN)/streamvln-eval --checkpoint runs/demo_stage2/final --shards configs/data/demo_stage2_val.yaml --out runs/demo_stage2/eval.json $(WORDS)
-	@echo "closed loop: the stage 1 model and the baselines on held-out scenes (val_unseen, one episode per scene):"
-	rm -rf runs/demo/nav_eval*
-	$(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval --maps
-	for p in expert random forward; do $(BIN)/streamvln-nav-eval --policy $$p $(NAV_EVAL) --output runs/demo/nav_eval_$$p || exit 1; done
 
-dagger: | $(VENV)/.installed  ## DAgger data with the stage-1 demo model (runs/demo/final) into data/dagger_data, sharded as split dagger
+dagger: sim-data  ## DAgger data with the stage-1 demo model (runs/demo/final) into data/dagger_data, sharded as split dagger
 	@test -d runs/demo/final || { echo "no runs/demo/final: run make demo first"; exit 2; }
 	$(BIN)/streamvln-dagger --checkpoint runs/demo/final $(DAGGER_RUN) --out $(DAGGER) --overwrite
 	$(BIN)/streamvln-shards nav --src $(DAGGER) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml \
@@ -127,7 +168,7 @@ dagger: | $(VENV)/.installed  ## DAgger data with the stage-1 demo model (runs/d
 # original data alone; all in closed loop on the held-out scenes, beside stage 1.
 DAGGER_RELABEL := data/dagger_data_relabel/SimR2R
 demo-dagger: | $(VENV)/.installed  ## DAgger's effect: stage 1 fine-tuned with vs without DAgger data, closed loop before/after
-	@test -f $(DAGGER)/annotations.json || { echo "no DAgger data: run make demo first"; exit 2; }
+	@test -f $(DAGGER)/annotations.json || { echo "no DAgger data: run make demo and make demo-cotrain (or make dagger) first"; exit 2; }
 	$(BIN)/streamvln-dagger --checkpoint runs/demo/final $(DAGGER_RUN) --labels expert --save all --out $(DAGGER_RELABEL) \
 		--overwrite --quiet
 	$(BIN)/streamvln-shards nav --src $(DAGGER_RELABEL) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml \
@@ -136,7 +177,7 @@ demo-dagger: | $(VENV)/.installed  ## DAgger's effect: stage 1 fine-tuned with v
 	$(BIN)/streamvln-train --shards configs/data/demo_dagger.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger
 	$(BIN)/streamvln-train --shards configs/data/demo_dagger_relabel.yaml --config configs/train/demo_dagger.yaml \
 		--output-dir runs/demo_dagger_relabel
-	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger_control
+	$(BIN)/streamvln-train --shards configs/data/demo_r2r.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger_control
 	test -f runs/demo/nav_eval/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval
 	for r in demo_dagger demo_dagger_relabel demo_dagger_control; do \
 		$(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(NAV_EVAL) --output runs/$$r/nav_eval || exit 1; done
@@ -153,7 +194,7 @@ demo-rl: | $(VENV)/.installed  ## the RL stage vs continued supervised training 
 	@test -d runs/demo/final || { echo "no runs/demo/final: run make demo first"; exit 2; }
 	rm -rf runs/demo_rl runs/demo_rl_control
 	$(BIN)/streamvln-rl --checkpoint runs/demo/final $(RL_RUN) --output-dir runs/demo_rl
-	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo_rl_control.yaml \
+	$(BIN)/streamvln-train --shards configs/data/demo_r2r.yaml --config configs/train/demo_rl_control.yaml \
 		--max-steps $$(tools/same_time_steps runs/demo_rl runs/demo) --output-dir runs/demo_rl_control
 	test -f runs/demo/nav_eval/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval
 	for r in demo_rl demo_rl_control; do $(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(NAV_EVAL) --output runs/$$r/nav_eval || exit 1; done
@@ -214,7 +255,7 @@ test: install tokenizer  ## run the test suite (installs what it needs; LIBERO's
 test-libero: install-libero tokenizer  ## LIBERO's tests, with the extra installed
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q tests/test_libero.py
 
-bench: install tokenizer shards  ## benchmarks: print throughput and memory numbers (not tests)
+bench: install tokenizer shards ladder-shards  ## benchmarks: print throughput and memory numbers (not tests)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_shards.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_cotrain.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_loader.py
@@ -227,5 +268,5 @@ bench: install tokenizer shards  ## benchmarks: print throughput and memory numb
 	$(PY) tests/bench/bench_manip.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
-	rm -rf $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \
+	rm -rf $(LADDER) shards/ladder $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \
 		shards/peek-*.png runs/demo runs/demo_stage2 $(MANIP) shards/manip runs/manip $(LIBERO) shards/libero runs/libero runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control

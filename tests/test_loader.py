@@ -237,7 +237,7 @@ def test_augmentation_is_seeded_and_per_frame(shard_root):
 
 
 def test_mix_config_is_strict_and_checked(shard_root, tmp_path):
-    assert load_mix("configs/data/demo.yaml").tasks[0].sources == ["SimR2R"]
+    assert load_mix("configs/data/demo.yaml").tasks[0].sources == ["SimRoom"]
     path = tmp_path / "mix.yaml"
     path.write_text("tasks: [{name: a, shards: [x], wieght: 2}]\n")
     with pytest.raises(ConfigError, match="unknown key.*tasks\\[0\\].wieght"):

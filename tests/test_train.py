@@ -256,3 +256,17 @@ def test_small_model_options_restrict_the_head_and_freeze_the_embedding(run_file
     refused = run("-m", "streamvln.train", *mix, "--config", str(tmp_path / "on.yaml"), "--output-dir", str(tmp_path / "on"),
                   check=False)
     assert refused.returncode != 0 and "train it on with `output_vocab: labels`" in refused.stderr
+
+
+@pytest.mark.slow
+def test_two_runs_give_identical_weights_and_losses(run_files, tmp_path):
+    """The same configs, data and seed: byte-identical weights and the same logged losses (make demo's numbers
+    do not change between two runs on one machine; docs/results.md, "Reproducibility")."""
+    cfg = yaml.safe_load((run_files / "train.yaml").read_text())
+    cfg.update(max_steps=4, eval_shards=None, save_every=100, num_workers=1)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    for name in ("a", "b"):
+        run("-m", "streamvln.train", "--shards", str(run_files / "mix.yaml"), "--config", str(tmp_path / "train.yaml"),
+            "--output-dir", str(tmp_path / name))
+    assert (tmp_path / "a/final/model.safetensors").read_bytes() == (tmp_path / "b/final/model.safetensors").read_bytes()
+    assert losses(tmp_path / "a")[0] == losses(tmp_path / "b")[0]

@@ -1,6 +1,6 @@
-"""Benchmark: the tiny model's training step on CPU (data wait vs compute, from the trainer's own metrics),
-and peak memory of the loss with labelled-only logits against full logits at a long sequence.
-Prints numbers; asserts nothing. Run with `make bench` (after `make shards`)."""
+"""Benchmark: peak memory of the loss with labelled-only logits against full logits at a long sequence, and
+streamvln-train's samples/s on the demo mix before and after the CPU options (output_vocab, freeze_embeddings,
+batch 8, the demo's config), all in this one run. Prints numbers; asserts nothing. `make bench`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,17 +47,34 @@ def main():
     for length in (1024, 4096):
         full, fast = peak_mb(length, "full"), peak_mb(length, "labelled")
         print(f"  {length:5d} tokens: full logits {full:7.0f} MB, labelled-only {fast:6.0f} MB ({full / fast:.1f}x)")
+    # the demo's training, before and after the CPU options, in this one run (docs/training.md, "CPU throughput")
+    demo = yaml.safe_load(Path(ROOT, "configs/train/demo.yaml").read_text())
+    before = {**demo, "model_config": "configs/model/tiny.yaml", "output_vocab": "full", "freeze_embeddings": False}
+    runs = [("before: tiny model (64 wide), full vocabulary, trained embedding, batch 2", before, 2),
+            ("tiny model, output_vocab labels + freeze_embeddings, batch 2", {**before, "output_vocab": "labels",
+                                                                          "freeze_embeddings": True}, 2),
+            ("tiny model, both options, batch 8", {**before, "output_vocab": "labels", "freeze_embeddings": True}, 8),
+            (f"after: the demo's config ({demo['model_config']}, batch 8)", demo, 8)]
+    speeds = []
+    print("streamvln-train on the demo mix (configs/data/demo.yaml), 2-core CPU, after 25 steps of warm-up:")
+    for name, cfg, batch in runs:
+        rows = train_rows(cfg, batch)
+        per_s = sum(r["samples_per_s"] for r in rows) / len(rows)
+        wait = sum(r["data_wait_share"] for r in rows) / len(rows)
+        speeds.append(per_s)
+        print(f"  {name}: {per_s:6.1f} samples/s ({per_s / speeds[0]:4.1f}x), {batch / per_s * 1e3:5.0f} ms a step, "
+              f"data wait {wait:.1%}")
+
+
+def train_rows(cfg: dict, batch: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "train.yaml").write_text(yaml.safe_dump({**cfg, "log_every": 5, "save_every": 10**6}))
         cmd = [sys.executable, "-m", "streamvln.train", "--shards", "configs/data/demo.yaml", "--config",
-               "configs/train/demo.yaml", "--output-dir", tmp, "--max-steps", "60"]
+               str(Path(tmp, "train.yaml")), "--output-dir", str(Path(tmp, "run")), "--max-steps", "60",
+               "--batch-size", str(batch)]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        rows = [json.loads(line) for line in Path(tmp, "metrics.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if "eval" not in r and r["step"] > 25]  # after start-up
-    step_s = sum(2 / r["samples_per_s"] for r in rows) / len(rows)  # batch 2, grad_accum 1
-    wait = sum(r["data_wait_share"] for r in rows) / len(rows)
-    print(f"tiny model on CPU (demo mix, batch 2): {step_s * 1e3:.0f} ms per step, data wait {wait:.1%} "
-          f"({step_s * wait * 1e3:.1f} ms), compute {step_s * (1 - wait) * 1e3:.0f} ms; "
-          f"{sum(r['tokens_per_s'] for r in rows) / len(rows):.0f} text tokens/s")
+        rows = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval" not in r and r["step"] > 25]  # after start-up
 
 
 if __name__ == "__main__":
