@@ -110,7 +110,7 @@ def test_every_shipped_config_loads_strictly():
         assert load_mix(path).tasks
     for path in (root / "train").glob("*.yaml"):
         load_train_config(path)
-    assert sorted(p.stem for p in (root / "model").glob("*.yaml")) == ["tiny", "tiny_vla"]
+    assert sorted(p.stem for p in (root / "model").glob("*.yaml")) == ["demo", "tiny", "tiny_vla"]
     for path in (root / "model").glob("*.yaml"):
         keys = yaml.safe_load(path.read_text())
         config = model_class(keys.pop("model_type", None)).config_class(**keys)
