@@ -119,33 +119,9 @@ def _objects_in(rng, room: Room, r: int, count: int, colours: list, mouths, plac
 
 def sample_tier_paths(spec: SceneSpec, grid: NavGrid, rng, tier: str, min_geodesic: float, max_geodesic: float,
                       goal_point, goals_per_start: int = 1) -> list[dict]:
-    """Draws sharing one start (position and heading), each to another object: with goals_per_start > 1 the
-    first frames of these episodes are identical and only the instruction tells them apart, so a model trained
-    on them must read it (a model trained on independent starts reached objects, but ignored which: docs/results.md).
-    Empty when the draw does not fit."""
-    if goals_per_start == 1:
-        draw = sample_tier_path(spec, grid, rng, tier, min_geodesic, max_geodesic, goal_point)
-        return [draw] if draw else []
-    first = spec.objects[int(rng.integers(len(spec.objects)))]
-    start_room = first.room if tier == "room" else 1 - first.room
-    room = spec.rooms[start_room]
-    x = round(float(rng.uniform(room.min_x + 0.4, room.max_x - 0.4)), 3)
-    z = round(float(rng.uniform(room.min_z + 0.4, room.max_z - 0.4)), 3)
-    heading = round(float(rng.uniform(-math.pi, math.pi)), 4)
-    if not grid.is_navigable(x, z):
-        return []
-    goals = [o for o in spec.objects if (o.room == start_room) == (tier == "room")]
-    draws = []
-    for k in rng.permutation(len(goals)).tolist():
-        draw = _path_to(spec, grid, rng, tier, (x, z), heading, goals[k], min_geodesic, max_geodesic, goal_point)
-        if draw:
-            draws.append(draw)
-    return draws[:goals_per_start] if len(draws) >= 2 else []
-
-
-def sample_tier_path(spec: SceneSpec, grid: NavGrid, rng, tier: str, min_geodesic: float, max_geodesic: float,
-                     goal_point) -> dict | None:
-    """One start/goal pair of a tier's scene, or None when the draw does not fit (the caller tries again).
+    """Draws from one start (position and heading): one to a random object, or with goals_per_start > 1 up to
+    that many, each to another object. Those episodes' first frames are identical and only the instruction
+    tells them apart (training data that can only be fitted by reading it). Empty when the draw does not fit.
 
     `goal_point(grid, obj, start)` is the episode generator's navigable point beside an object."""
     goal = spec.objects[int(rng.integers(len(spec.objects)))]
@@ -155,8 +131,17 @@ def sample_tier_path(spec: SceneSpec, grid: NavGrid, rng, tier: str, min_geodesi
     z = round(float(rng.uniform(room.min_z + 0.4, room.max_z - 0.4)), 3)
     heading = round(float(rng.uniform(-math.pi, math.pi)), 4)
     if not grid.is_navigable(x, z):
-        return None
-    return _path_to(spec, grid, rng, tier, (x, z), heading, goal, min_geodesic, max_geodesic, goal_point)
+        return []
+    if goals_per_start == 1:
+        draw = _path_to(spec, grid, rng, tier, (x, z), heading, goal, min_geodesic, max_geodesic, goal_point)
+        return [draw] if draw else []
+    goals = [o for o in spec.objects if (o.room == start_room) == (tier == "room")]
+    draws = []
+    for k in rng.permutation(len(goals)).tolist():
+        draw = _path_to(spec, grid, rng, tier, (x, z), heading, goals[k], min_geodesic, max_geodesic, goal_point)
+        if draw:
+            draws.append(draw)
+    return draws[:goals_per_start] if len(draws) >= 2 else []
 
 
 def _path_to(spec, grid, rng, tier, start, heading, goal, min_geodesic, max_geodesic, goal_point) -> dict | None:
