@@ -22,8 +22,8 @@ import deepspeed  # noqa: E402
 from . import checkpoint  # noqa: E402
 from .config import ConfigError, TrainConfig, load_train_config  # noqa: E402
 from .data import MixConfig, build_loader, load_mix  # noqa: E402
-from .data.loader import label_token_ids  # noqa: E402
 from .data.collate import to_device  # noqa: E402
+from .data.loader import label_token_ids  # noqa: E402
 from .evaluate import evaluate, format_report  # noqa: E402
 from .model.build import apply_lora, build_model, optimizer_groups, set_tunable_parts  # noqa: E402
 from .model.modeling import IGNORE_INDEX  # noqa: E402
@@ -108,7 +108,7 @@ def check_manip_data(config, tasks) -> None:
 def apply_small_model_options(model, cfg: TrainConfig, loader, rank: int) -> None:
     """output_vocab and freeze_embeddings (docs/training.md); each refuses a model it cannot apply to."""
     if cfg.output_vocab == "labels":
-        if not hasattr(model, "set_output_vocab"):
+        if hasattr(model, "count_targets"):  # the VLA model's loss is on its action head, not the LM head
             raise ConfigError("output_vocab: labels applies to StreamVLN models, not the VLA model")
         ids = set(label_token_ids(loader.plan)) | set(model.config.output_vocab or [])  # a checkpoint's stay
         model.set_output_vocab(sorted(ids))

@@ -270,3 +270,14 @@ def test_two_runs_give_identical_weights_and_losses(run_files, tmp_path):
             "--output-dir", str(tmp_path / name))
     assert (tmp_path / "a/final/model.safetensors").read_bytes() == (tmp_path / "b/final/model.safetensors").read_bytes()
     assert losses(tmp_path / "a")[0] == losses(tmp_path / "b")[0]
+
+
+def test_output_vocab_is_refused_for_the_vla_model():
+    """The VLA model's loss is on its action head: restricting its LM head would be silently meaningless."""
+    from streamvln.config import ConfigError, TrainConfig
+    from streamvln.model.build import build_model
+    from streamvln.train import apply_small_model_options
+
+    vla = build_model(str(ROOT / "configs/model/tiny_vla.yaml"), None)
+    with pytest.raises(ConfigError, match="not the VLA model"):
+        apply_small_model_options(vla, TrainConfig(model_config="x", output_vocab="labels"), None, 0)
