@@ -79,3 +79,18 @@ def test_compare_refuses_runs_without_shared_episodes(tmp_path):
     (tmp_path / "c").mkdir()
     r = CliRunner().invoke(compare_cmd, [str(a), str(tmp_path / "c")])
     assert r.exit_code != 0 and "no result.jsonl" in r.output
+
+
+def test_map_caption_carries_instruction_outcome_and_metrics():
+    from streamvln.nav_eval import map_caption
+    from streamvln.sim.episodes import NavEpisode
+
+    ep = NavEpisode(7, 7, "room-unseen_0001", [0, 0, 0], [0, 0, 0, 1], [{"position": [1, 0, 1], "radius": 1.0}], [],
+                    {"instruction_text": "Walk to the red ball and stop next to it."})
+    m = {"success": 0.0, "stopped": 1.0, "success_distance": 1.0, "navigation_error": 1.73, "spl": 0.0,
+         "ndtw": 0.41, "oracle_success": 1.0, "path_length": 3.2, "steps": 24, "collisions": 2}
+    title, numbers = map_caption(ep, m)
+    assert title == "7 (room-unseen_0001): Walk to the red ball and stop next to it."
+    assert numbers.startswith("FAILED: stopped outside the 1 m goal radius. NE 1.73 m") and "nDTW 0.41" in numbers
+    assert map_caption(ep, {**m, "stopped": 0.0})[1].startswith("FAILED: step limit reached without STOP")
+    assert map_caption(ep, {**m, "success": 1.0})[1].startswith("SUCCESS")
