@@ -91,7 +91,8 @@ def test_uint8_frames_are_normalised_on_the_device(model):
     assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_labelled_only_loss_equals_full_loss_and_gradients(model):
+def assert_same_loss_and_gradients(model) -> dict:
+    """The labelled-only loss (the default) against full logits: equal loss, predictions and gradients."""
     model.zero_grad()
     full = model(**hand_batch(), full_logits=True)
     full["loss"].backward()
@@ -104,8 +105,13 @@ def test_labelled_only_loss_equals_full_loss_and_gradients(model):
     for n, p in model.named_parameters():
         if n in grads:
             assert torch.allclose(grads[n], p.grad, atol=1e-6), n
-    assert fast["sample_tokens"].tolist() == [3, 2]  # labelled targets after the shift, per sample
     model.zero_grad()
+    return fast
+
+
+def test_labelled_only_loss_equals_full_loss_and_gradients(model):
+    fast = assert_same_loss_and_gradients(model)
+    assert fast["sample_tokens"].tolist() == [3, 2]  # labelled targets after the shift, per sample
 
 
 def test_restricted_output_vocab_is_the_full_softmax_masked_to_it(tmp_path):
@@ -115,17 +121,7 @@ def test_restricted_output_vocab_is_the_full_softmax_masked_to_it(tmp_path):
     m = StreamVLNForCausalLM(tiny_config()).eval()
     vocab = [3, 9, 10, 11, 12, 13, 500]
     m.set_output_vocab(vocab)
-    out = m(**hand_batch())
-    out["loss"].backward()
-    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    m.zero_grad()
-    full = m(**hand_batch(), full_logits=True)  # the head's full logits: -inf outside the vocabulary
-    full["loss"].backward()
-    assert torch.allclose(out["loss"], full["loss"], atol=1e-6)
-    assert torch.equal(out["predictions"], full["predictions"])
-    for n, p in m.named_parameters():
-        if n in grads:
-            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+    assert_same_loss_and_gradients(m)  # full logits: the head's, -inf outside the vocabulary
     h = torch.randn(5, 32)
     logits = m.lm_head(h)
     assert torch.isinf(logits).sum() == 5 * (1000 - len(vocab))
