@@ -200,15 +200,15 @@ class ShardLoader:
 
 
 def label_token_ids(plan: MixPlan) -> list[int]:
-    """Every token id any training sample of the mix has as a label (reads each sample once): what a restricted
-    output vocabulary (`output_vocab: labels` in the train config) must hold."""
+    """Every token id any training sample of the mix has as a label (reads each sample's members once, not the
+    frames it references): what a restricted output vocabulary (`output_vocab: labels`) must hold."""
     ids: set[int] = set()
     reader = SampleReader()
     try:
         for data in plan.tasks:
             for row in range(len(data)):
                 sample = reader.read(data.shard_paths[data.shard[row]], int(data.offset[row]), int(data.size[row]),
-                                     str(data.keys[row]))
+                                     str(data.keys[row]), frames=False)
                 labels = np.asarray(sample["labels"])
                 ids.update(int(t) for t in np.unique(labels[labels >= 0]))
     finally:

@@ -122,8 +122,9 @@ class SampleReader:
         self._files[path] = fd, os.fstat(fd).st_size
         return self._files[path]
 
-    def read(self, path: str, offset: int, size: int, key: str) -> dict:
-        """{"meta", "input_ids", "labels", "frames": [jpeg bytes]}; CorruptSample for anything unexpected."""
+    def read(self, path: str, offset: int, size: int, key: str, frames: bool = True) -> dict:
+        """{"meta", "input_ids", "labels", "frames": [jpeg bytes]}; CorruptSample for anything unexpected.
+        frames=False leaves the frames a sample references elsewhere in its shard unread (text-only scans)."""
         try:
             blob = os.pread(self._fd(path)[0], size, offset)
         except OSError as e:
@@ -131,7 +132,7 @@ class SampleReader:
         if len(blob) != size:
             raise CorruptSample(f"{path}: sample {key} is cut short ({len(blob)} of {size} bytes)")
         sample = parse_members(blob, path, key)
-        if "frame_ranges" in sample["meta"]:
+        if frames and "frame_ranges" in sample["meta"]:
             sample["frames"] = self._referenced_frames(path, key, sample["meta"])
         return sample
 

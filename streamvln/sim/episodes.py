@@ -180,8 +180,6 @@ class EpisodeGenConfig:
             raise ValueError(f"unknown tier {self.tier!r}; known: {', '.join(TIERS)}")
         if self.scenes < 1 or self.per_scene < 1 or self.r2r_per_path + self.rxr_per_path < 1:
             raise ValueError("scenes, per_scene and instructions per path must be at least 1")
-        if not 2 <= self.min_rooms <= self.max_rooms <= 6:
-            raise ValueError("rooms per scene must satisfy 2 <= min_rooms <= max_rooms <= 6")
         if self.goals_per_start < 1 or (self.tier == "r2r" and self.goals_per_start != 1):
             raise ValueError("goals_per_start must be at least 1, and 1 on the r2r tier")
         if (self.min_rooms, self.max_rooms) != (2, 6):
