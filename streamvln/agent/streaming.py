@@ -68,6 +68,7 @@ class EnvState:
     last_context: list = field(default_factory=list)  # the pieces the last decision was made on
     last_tokens: list = field(default_factory=list)  # the tokens it generated (the last one not fed)
     last_logp: float = 0.0  # their log-probability at score_temperature (when set)
+    builder: TurnBuilder | None = None  # this episode's own memory sentence (a served session's option)
 
 
 def preprocess(rgb: np.ndarray, size: int) -> torch.Tensor:
@@ -89,17 +90,21 @@ class StreamingAgent:
 
     # ---- episode bookkeeping ------------------------------------------------------------------
     def reset(self, i: int, episode_id, instruction: str, temperature: float | None = None,
-              sample_seed: int | None = None) -> None:
-        """A new episode in environment i; with a temperature its decisions are sampled (seeded)."""
+              sample_seed: int | None = None, reference_memory_text: bool | None = None) -> None:
+        """A new episode in environment i; with a temperature its decisions are sampled (seeded); a memory
+        sentence choice other than the agent's own applies to this episode only."""
         digest = hashlib.sha256(f"{self.cfg.seed}|{episode_id}".encode()).digest()
         generator = None
         if temperature is not None:
             if not self.cfg.use_cache:
                 raise ValueError("sampling needs use_cache (the recompute mode is greedy only)")
             generator = torch.Generator(device=self.device).manual_seed(int(sample_seed or 0))
+        builder = None
+        if reference_memory_text is not None and reference_memory_text != self.cfg.reference_memory_text:
+            builder = TurnBuilder(self.tok, reference_memory_text)
         self.envs[i] = EnvState(episode_id=str(episode_id), instruction=instruction,
                                 rng=random.Random(int.from_bytes(digest[:8], "little")),
-                                temperature=temperature, generator=generator)
+                                temperature=temperature, generator=generator, builder=builder)
 
     def _close_window(self, env: EnvState) -> None:
         env.cache, env.window_embeds, env.pending, env.window_open, env.pieces = None, [], [], False, []
@@ -119,9 +124,9 @@ class StreamingAgent:
         now = len(env.frames) - 1
         if not env.window_open:
             memory = history_indices(now, 0, self.cfg.num_history, self.cfg.history_mode) if now > 0 else []
-            return [("turn", self.turns.open_window(env.instruction, bool(memory), conjunction), memory + [now],
-                     len(memory))]
-        ids = np.concatenate([np.asarray(env.pending, np.int64), self.turns.next_turn(conjunction)])
+            return [("turn", (env.builder or self.turns).open_window(env.instruction, bool(memory), conjunction),
+                     memory + [now], len(memory))]
+        ids = np.concatenate([np.asarray(env.pending, np.int64), (env.builder or self.turns).next_turn(conjunction)])
         return list(env.pieces) + [("turn", ids, [now], 0)]
 
     @torch.no_grad()
@@ -159,11 +164,11 @@ class StreamingAgent:
         now = len(env.frames) - 1
         if not env.window_open:
             memory = history_indices(now, 0, self.cfg.num_history, self.cfg.history_mode) if now > 0 else []
-            ids = self.turns.open_window(env.instruction, bool(memory), conj)
+            ids = (env.builder or self.turns).open_window(env.instruction, bool(memory), conj)
             env.window_open = True
             env.pieces.append(("turn", ids, memory + [now], len(memory)))
             return ids, memory + [now]
-        ids = np.concatenate([np.asarray(env.pending, np.int64), self.turns.next_turn(conj)])
+        ids = np.concatenate([np.asarray(env.pending, np.int64), (env.builder or self.turns).next_turn(conj)])
         env.pieces.append(("turn", ids, [now], 0))
         return ids, [now]
 
