@@ -140,50 +140,69 @@ def evaluate_cmd(checkpoint, policy, episodes_path, output, num_envs, max_episod
     done = load_done(output)
     mine = [ep for ep in episodes[rank::world] if _key(ep.scene_id, ep.episode_id) not in done]
     if mine:
-        from streamvln.agent.rollout import rollout
         from streamvln.sim.miniworld_sim import MiniWorldSim
         sims = [MiniWorldSim(SimConfig(width=width, height=height, max_steps=max_steps)) for _ in range(num_envs)]
         pol = build_policy(policy, checkpoint, sims, num_envs, seed,
                            {"num_frames": num_frames, "num_history": num_history,
                             "reference_memory_text": reference_memory_text})
-        with open_log(output / f"result.rank{rank}.jsonl") as f, \
-                tqdm(total=len(mine), desc=f"episodes (rank {rank})", disable=None) as bar:
-            for r in rollout(sims, pol, mine, keep_frames=videos):
-                ep = r.episode
-                row = {"scene_id": ep.scene_id, "episode_id": ep.episode_id, "instruction": ep.instruction_text}
-                if r.error:
-                    row["error"] = r.error
-                else:
-                    row.update({m: r.metrics[m] for m in METRICS})
-                    row.update({"os": r.metrics["oracle_success"], "ne": r.metrics["navigation_error"],
-                                "path": [[round(v, 3) for v in p] for p in r.path], "actions": r.actions})
-                    save_media(output, sims[0], r, maps, videos)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                bar.update(1)
+        run_episodes(sims, pol, mine, output, rank, maps, videos)
         for s in sims:
             s.close()
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        done = load_done(output)
-        rows = [done[k] for k in (_key(ep.scene_id, ep.episode_id) for ep in episodes) if k in done]
-        ok = [r for r in rows if "error" not in r]
-        tmp = output / "result.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(output / "result.jsonl")
-        split = Path(episodes_path).name.split(".")[0]
-        summary = {split: summarise(ok), "refused": len(rows) - len(ok), "policy": policy,
-                   "checkpoint": checkpoint, "episodes_file": str(episodes_path), "world_size": world,
-                   "max_steps": max_steps, "every": every, "max_episodes": max_episodes, "seed": seed}
-        tmp = output / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        tmp.replace(output / "summary.json")
-        print_table(summary[split], f"{policy} on {split}")
-        if summary["refused"]:
-            click.echo(f"  {summary['refused']} episodes refused by the simulator (see result.jsonl 'error')")
+        write_summary(output, episodes, episodes_path, policy,
+                      {"checkpoint": checkpoint, "world_size": world, "max_steps": max_steps, "every": every,
+                       "max_episodes": max_episodes, "seed": seed})
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def episode_row(result) -> dict:
+    """One line of result.jsonl: the episode, its metrics (or the simulator's refusal), path and actions."""
+    ep = result.episode
+    row = {"scene_id": ep.scene_id, "episode_id": ep.episode_id, "instruction": ep.instruction_text}
+    if result.error:
+        row["error"] = result.error
+    else:
+        row.update({m: result.metrics[m] for m in METRICS})
+        row.update({"os": result.metrics["oracle_success"], "ne": result.metrics["navigation_error"],
+                    "path": [[round(v, 3) for v in p] for p in result.path], "actions": result.actions})
+    return row
+
+
+def run_episodes(sims, policy, episodes, output: Path, rank: int = 0, maps: bool = False,
+                 videos: bool = False) -> None:
+    """The shared rollout over `episodes`; each finished episode appended to result.rank<r>.jsonl at once."""
+    from streamvln.agent.rollout import rollout
+    with open_log(output / f"result.rank{rank}.jsonl") as f, \
+            tqdm(total=len(episodes), desc=f"episodes (rank {rank})", disable=None) as bar:
+        for r in rollout(sims, policy, episodes, keep_frames=videos):
+            if not r.error:
+                save_media(output, sims[0], r, maps, videos)
+            f.write(json.dumps(episode_row(r)) + "\n")
+            f.flush()
+            bar.update(1)
+
+
+def write_summary(output: Path, episodes, episodes_path, policy: str, options: dict) -> dict:
+    """Merge the ranks' lines into result.jsonl (dataset order) and write summary.json; print the table."""
+    done = load_done(output)
+    rows = [done[k] for k in (_key(ep.scene_id, ep.episode_id) for ep in episodes) if k in done]
+    ok = [r for r in rows if "error" not in r]
+    tmp = output / "result.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(output / "result.jsonl")
+    split = Path(episodes_path).name.split(".")[0]
+    summary = {split: summarise(ok), "refused": len(rows) - len(ok), "policy": policy,
+               "episodes_file": str(episodes_path), **options}
+    tmp = output / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(output / "summary.json")
+    print_table(summary[split], f"{policy} on {split}")
+    if summary["refused"]:
+        click.echo(f"  {summary['refused']} episodes refused by the simulator (see result.jsonl 'error')")
+    return summary
 
 
 def _finished_rows(run: Path) -> dict[str, dict]:
