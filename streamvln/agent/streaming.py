@@ -15,6 +15,7 @@ frames are attached, so the reference's crash (issue #80: `<memory>` with no fra
 from __future__ import annotations
 
 import hashlib
+import inspect
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,13 +23,17 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, Qwen2Model
 
 from pipeline.dialogue import CONJUNCTIONS
 from pipeline.frames import history_indices
 from pipeline.tokens import IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
 
 from .turns import TurnBuilder, parse_actions
+
+# transformers 5.x renamed the decoder's `past_key_values` argument to `cache` (the old name warns on every
+# call, then goes in 5.40); the installed version's name is used
+CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -275,7 +280,7 @@ class StreamingAgent:
             new_mask[k, : n[k]] = 1
             pos[k] = past[k] + torch.arange(nmax, device=self.device)
         mask = torch.cat([mask, new_mask], 1)
-        hidden = self.net.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        hidden = self.net.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache},
                                   use_cache=True).last_hidden_state
         last = hidden[torch.arange(b), torch.tensor(n) - 1]
         logits = self.net.lm_head(last)
@@ -293,7 +298,7 @@ class StreamingAgent:
             mask = torch.cat([mask, live[:, None]], 1)
             emb = self.net.model.embed_tokens(token)[:, None]
             hidden = self.net.model(inputs_embeds=emb, attention_mask=mask, position_ids=next_pos[:, None],
-                                      past_key_values=cache, use_cache=True).last_hidden_state
+                                      **{CACHE_ARG: cache}, use_cache=True).last_hidden_state
             token = self._choose(envs, self.net.lm_head(hidden[:, -1]), done)
             next_pos = next_pos + live
             for k in range(b):
