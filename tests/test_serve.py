@@ -27,7 +27,7 @@ from streamvln.model.modeling import StreamVLNForCausalLM
 from streamvln.serve.client import ServeClient, ServeClientError, encode_frame
 from streamvln.serve.config import ServeConfig
 from streamvln.serve.engine import Engine
-from streamvln.serve.server import BackgroundServer, TokenError, read_token
+from streamvln.serve.server import BackgroundServer, TokenError, build_engine, read_token
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"
@@ -367,6 +367,8 @@ def test_config_is_strict_and_token_files_are_private(tmp_path):
         ServeConfig(reference_route=True).validate()
     with pytest.raises(ConfigError, match="only by the reference route"):
         ServeConfig(instruction="Go.").validate()
+    with pytest.raises(ConfigError, match="max_new_tokens must be at least 1"):
+        ServeConfig(max_new_tokens=0).validate()
     assert load_config(ServeConfig, ROOT / "configs/serve/default.yaml") == ServeConfig()
     assert ServeConfig().host == "127.0.0.1" and ServeConfig().is_loopback()
     token, created = read_token(tmp_path / "t")
@@ -380,6 +382,18 @@ def test_config_is_strict_and_token_files_are_private(tmp_path):
     short.chmod(0o600)
     with pytest.raises(TokenError, match="at least 16"):
         read_token(short)
+
+
+def test_the_agent_settings_reach_the_agent(ckpt):
+    cfg = ServeConfig(max_sessions=3, num_frames=6, num_history=3, max_new_tokens=5, reference_memory_text=True,
+                      seed=7)
+    engine = build_engine(str(ckpt), cfg)
+    try:
+        a = engine.agent.cfg
+        assert (len(engine.agent.envs), a.num_frames, a.num_history, a.max_new_tokens, a.reference_memory_text,
+                a.seed) == (3, 6, 3, 5, True, 7)
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.slow
@@ -411,6 +425,36 @@ def test_drive_sim_through_the_server_gives_the_in_process_evaluation_actions(ck
     summary = json.loads((tmp_path / "served/summary.json").read_text())
     assert summary["val_unseen"] == json.loads((tmp_path / "local/summary.json").read_text())["val_unseen"]
     assert summary["client_steps"]["n"] == sum(len(r["actions"]) for r in served)
+
+
+@pytest.mark.slow
+def test_drive_sim_with_chunks_plays_each_answer_out_before_the_next_frame(ckpt, tmp_path):
+    from streamvln.serve.cli import drive_cmd
+    from streamvln.sim.episodes import EpisodeGenConfig, generate_episodes, write_episodes
+
+    eps, _ = generate_episodes(EpisodeGenConfig(split="val_unseen", tier="room", scenes=2, per_scene=1, seed=2))
+    path = tmp_path / "val_unseen.json.gz"
+    write_episodes(path, eps)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    with serve(ckpt, session_log=str(tmp_path / "log")) as srv:
+        r = CliRunner().invoke(drive_cmd, ["--url", srv.url, "--token-file", str(token_file), "--clients", "2",
+                                           "--chunk", "--output", str(tmp_path / "served"), "--episodes", str(path),
+                                           "--width", "48", "--height", "36", "--max-steps", "30"])
+        assert r.exit_code == 0, r.output
+    rows = {f"{x['scene_id']}|{x['episode_id']}": x
+            for x in map(json.loads, (tmp_path / "served/result.jsonl").read_text().splitlines())}
+    requests = 0
+    for log in (tmp_path / "log").iterdir():
+        events = [json.loads(x) for x in (log / "steps.jsonl").read_text().splitlines()]
+        steps = [e for e in events if e["event"] == "step"]
+        assert all(e["decided"] for e in steps)  # a chunk session decides at every posted frame
+        played = [a for e in steps for a in e["actions"]]
+        executed = rows[events[0]["episode_key"]]["actions"]
+        assert played[: len(executed)] == executed and len(played) - len(executed) < len(steps[-1]["actions"])
+        requests += len(steps)
+    assert len(rows) == 2 and requests < sum(len(x["actions"]) for x in rows.values())  # frames only per chunk
 
 
 @pytest.mark.slow

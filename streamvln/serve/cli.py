@@ -51,6 +51,7 @@ def _token(path) -> str:
 @click.option("--num-frames", type=int, default=None, help="agent window length [32]")
 @click.option("--num-history", type=int, default=None, help="agent memory frames [8]")
 @click.option("--reference-memory-text", is_flag=True, default=None, help="the reference eval's memory sentence")
+@click.option("--max-new-tokens", type=int, default=None, help="tokens an answer may have [24]")
 @click.option("--seed", type=int, default=None, help="agent seed [0]")
 def serve_cmd(checkpoint, token_file, config_path, **options):
     """Serve the streaming agent over HTTP: sessions of frames in, actions out, batched across sessions."""
@@ -92,8 +93,10 @@ def serve_cmd(checkpoint, token_file, config_path, **options):
 @click.option("--max-steps", default=500, show_default=True)
 @click.option("--image-format", type=click.Choice(["png", "jpeg"]), default="png", show_default=True,
               help="png is lossless: the same actions as an in-process evaluation; jpeg is what a camera sends")
+@click.option("--chunk", is_flag=True, help="the reference robot's protocol: chunk sessions, each answer's chunk "
+                                            "played out blind before the next frame is posted")
 def drive_cmd(url, token_file, episodes_path, output, clients, max_episodes, every, width, height, max_steps,
-              image_format):
+              image_format, chunk):
     """Drive the simulator's episodes through the HTTP API, --clients at once; writes result.jsonl and
     summary.json as streamvln-nav-eval does (resumable), plus the clients' step latencies."""
     from streamvln.nav_eval import _key, load_done, run_episodes, write_summary
@@ -113,7 +116,7 @@ def drive_cmd(url, token_file, episodes_path, output, clients, max_episodes, eve
     todo = [ep for ep in episodes if _key(ep.scene_id, ep.episode_id) not in done]
     client = ServeClient(url, token)
     client.health()
-    policy = HttpPolicy(client, clients, image_format)
+    policy = HttpPolicy(client, clients, image_format, chunk=chunk)
     t0 = time.perf_counter()
     if todo:
         sims = [MiniWorldSim(SimConfig(width=width, height=height, max_steps=max_steps)) for _ in range(clients)]
@@ -130,7 +133,7 @@ def drive_cmd(url, token_file, episodes_path, output, clients, max_episodes, eve
         steps.update({"steps_per_s": round(len(lat) / wall, 3), "p50_ms": round(float(np.percentile(lat, 50)), 2),
                       "p99_ms": round(float(np.percentile(lat, 99)), 2)})
     write_summary(output, episodes, episodes_path, "served",
-                  {"url": url, "clients": clients, "image_format": image_format, "max_steps": max_steps,
+                  {"url": url, "clients": clients, "image_format": image_format, "chunk": chunk, "max_steps": max_steps,
                    "every": every, "max_episodes": max_episodes, "client_steps": steps})
     client.close()
 

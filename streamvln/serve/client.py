@@ -91,23 +91,31 @@ class RemoteSession:
 class HttpPolicy:
     """The rollout's policy interface with the decisions made by a server: a session per episode (keyed like
     the in-process AgentPolicy, so the same checkpoint gives the same actions), every environment's frame
-    posted at once from its own thread, so the server can decide them in one batch."""
+    posted at once from its own thread, so the server can decide them in one batch. With `chunk`, sessions
+    use the reference robot's protocol: a frame is posted only when the last answer's chunk has been played
+    out, blind, as the reference's Go2 client does."""
 
-    def __init__(self, client: ServeClient, num_envs: int, image_format: str = "png"):
-        self.client, self.image_format = client, image_format
+    def __init__(self, client: ServeClient, num_envs: int, image_format: str = "png", chunk: bool = False):
+        self.client, self.image_format, self.chunk = client, image_format, chunk
         self.pool = ThreadPoolExecutor(max_workers=num_envs)
         self.sessions: dict[int, RemoteSession] = {}
+        self.queues: dict[int, list[int]] = {}  # actions answered and not yet executed
         self.latencies: list[float] = []  # seconds per step request, as the client saw it
 
     def reset(self, i, episode):
         if i in self.sessions:
             self.sessions.pop(i).close()
         self.sessions[i] = self.client.create(episode.instruction_text,
-                                              episode=f"{episode.scene_id}|{episode.episode_id}")
+                                              episode=f"{episode.scene_id}|{episode.episode_id}", chunk=self.chunk)
+        self.queues[i] = []
 
     def act(self, observations, active):
-        futures = {i: self.pool.submit(self._timed, i, o.rgb) for i, o in zip(active, observations)}
-        return {i: f.result()["action"] for i, f in futures.items()}
+        futures = {i: self.pool.submit(self._timed, i, o.rgb)
+                   for i, o in zip(active, observations) if not self.queues[i]}
+        for i, f in futures.items():
+            answer = f.result()
+            self.queues[i] = list(answer["actions"]) if self.chunk else [answer["action"]]
+        return {i: self.queues[i].pop(0) for i in active}
 
     def _timed(self, i, rgb):
         t0 = time.perf_counter()
@@ -118,6 +126,7 @@ class HttpPolicy:
     def episode_info(self, i) -> dict:
         """Called once when environment i's episode ends: its session closes."""
         s = self.sessions.pop(i)
+        self.queues.pop(i, None)
         decisions = s.view()["decisions"]
         s.close()
         return {"decisions": decisions}

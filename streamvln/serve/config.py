@@ -27,6 +27,7 @@ class ServeConfig:
     num_frames: int | None = None
     num_history: int | None = None
     reference_memory_text: bool | None = None
+    max_new_tokens: int | None = None  # tokens an answer may have (the agent's default: 24)
     seed: int = 0
 
     def validate(self) -> None:
@@ -41,6 +42,9 @@ class ServeConfig:
                      "max_instruction_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_frames", "max_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (or null), got {getattr(self, name)}")
         if self.min_image_side > self.max_image_side:
             raise ConfigError(f"min_image_side {self.min_image_side} > max_image_side {self.max_image_side}")
         if self.idle_timeout_s <= 0 or self.batch_wait_ms < 0 or self.max_batch < 0:

@@ -46,7 +46,7 @@ def build_engine(checkpoint: str, cfg: ServeConfig) -> Engine:
     from streamvln.agent.streaming import load_agent
     agent = load_agent(checkpoint, cfg.max_sessions, cfg.seed,
                        {"num_frames": cfg.num_frames, "num_history": cfg.num_history,
-                        "reference_memory_text": cfg.reference_memory_text})
+                        "reference_memory_text": cfg.reference_memory_text, "max_new_tokens": cfg.max_new_tokens})
     return Engine(agent, cfg)
 
 
