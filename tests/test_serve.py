@@ -341,13 +341,15 @@ def test_metrics_openapi_health_and_the_session_log(ckpt, tmp_path):
             s.step(f)
         text = client.metrics()
         for line in ("streamvln_steps_total 3", "streamvln_sessions 1", "streamvln_sessions_created_total 1",
-                     "# TYPE streamvln_step_latency_seconds histogram", 'streamvln_step_latency_seconds_bucket{le="+Inf"} 3'):
+                     "# TYPE streamvln_step_latency_seconds histogram",
+                     'streamvln_step_latency_seconds_bucket{le="+Inf"} 3'):
             assert line in text, line
         assert status(srv.url, "GET", "/healthz")[0] == 200  # liveness needs no token...
         assert status(srv.url, "GET", "/metrics")[0] == 401  # ...everything else does
         assert status(srv.url, "GET", "/openapi.json")[0] == 401
         code, spec = status(srv.url, "GET", "/openapi.json", headers=AUTH)
-        assert code == 200 and {"/v1/sessions", "/v1/sessions/{sid}/step", "/v1/sessions/{sid}/reset"} <= set(spec["paths"])
+        assert code == 200
+        assert {"/v1/sessions", "/v1/sessions/{sid}/step", "/v1/sessions/{sid}/reset"} <= set(spec["paths"])
         log = tmp_path / "log" / s.id
         rows = [json.loads(x) for x in (log / "steps.jsonl").read_text().splitlines()]
         assert [r["event"] for r in rows] == ["create", "step", "step", "step"]
