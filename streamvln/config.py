@@ -40,7 +40,7 @@ class TrainConfig:
     # micro-batch's mean, averaged over micro-batches and ranks (the reference's HF Trainer)
     loss_normalization: str = "global_tokens"
     max_grad_norm: float = 1.0
-    bf16: bool = True  # on GPUs; CPU runs are fp32
+    bf16: bool = True  # DeepSpeed bf16 (fp32 master weights), on GPUs and on the CPU accelerator alike
     gradient_checkpointing: bool = True
     mm_tunable_parts: str = "mm_vision_tower,mm_mlp_adapter,mm_language_model"
     # Options for small models trained on CPU (docs/training.md), off by default as in the reference:

@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
     # ------------------------------------------------------------ load
     rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
-    bf16 = cfg.bf16 and device.type == "cuda"
+    bf16 = cfg.bf16
     model = build_model(cfg.model_config, cfg.checkpoint)
     set_tunable_parts(model, cfg.mm_tunable_parts)
     loader = build_loader(mix, rank=rank, world_size=world_size, num_workers=cfg.num_workers,

@@ -34,6 +34,9 @@ def sequence_logprobs(agent, items: list[tuple[list, list, list[int]]], temperat
         target = torch.tensor(tokens, device=agent.device)
         scaled = torch.log_softmax(logits / temperature, -1)
         logps.append(scaled.gather(1, target[:, None]).sum())
-        entropies.append(-(scaled.exp() * scaled).sum(-1).mean())
+        # a restricted output vocabulary scores other tokens -inf: their p log p is 0 (not 0 x -inf = nan),
+        # and with a finite stand-in for -inf no nan reaches the gradient either
+        finite = scaled.masked_fill(torch.isinf(scaled), 0.0)
+        entropies.append(-(scaled.exp() * finite).sum(-1).mean())
         nlls.append(-torch.log_softmax(logits, -1).gather(1, target[:, None]).mean())
     return torch.stack(logps), torch.stack(entropies), torch.stack(nlls)
