@@ -267,6 +267,7 @@ bench: install tokenizer shards ladder-shards  ## benchmarks: print throughput a
 	$(PY) tests/bench/bench_rl.py
 	$(PY) tests/bench/bench_manip.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_serve.py
+	$(PY) tests/bench/bench_packing.py
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
 	rm -rf $(LADDER) shards/ladder $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \

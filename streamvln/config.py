@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from pipeline.config import ConfigError, load_config
 
 SCHEDULERS = ("cosine", "cosine_with_min_lr")
 LOSS_NORMALIZATIONS = ("global_tokens", "micro_batch")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
 
 
 @dataclass
@@ -42,6 +44,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = True  # DeepSpeed bf16 (fp32 master weights), on GPUs and on the CPU accelerator alike
     gradient_checkpointing: bool = True
+    # the language model's attention: sdpa (the default; packed batches get a block-diagonal mask), or
+    # flash_attention_2 (its varlen kernels for packed batches; needs the flash-attn package, GPUs only), or eager
+    attn_implementation: str = "sdpa"
     mm_tunable_parts: str = "mm_vision_tower,mm_mlp_adapter,mm_language_model"
     # Options for small models trained on CPU (docs/training.md), off by default as in the reference:
     # output_vocab "labels": the LM head predicts only the token ids the training mix has as labels (scanned
@@ -75,6 +80,11 @@ class TrainConfig:
             raise ConfigError(f"mm_tunable_parts: unknown or empty {sorted(unknown)}")
         if self.output_vocab not in ("full", "labels"):
             raise ConfigError(f"output_vocab must be 'full' or 'labels', got {self.output_vocab!r}")
+        if self.attn_implementation not in ATTENTION:
+            raise ConfigError(f"attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}")
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attn_implementation flash_attention_2 needs the flash-attn package (GPU machines); "
+                              "it is not installed: use sdpa")
         if self.grad_accum < 1 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError("grad_accum must be >= 1 and warmup_ratio in [0, 1)")
 

@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
     rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
     bf16 = cfg.bf16
-    model = build_model(cfg.model_config, cfg.checkpoint)
+    model = build_model(cfg.model_config, cfg.checkpoint, attn_implementation=cfg.attn_implementation)
     set_tunable_parts(model, cfg.mm_tunable_parts)
     loader = build_loader(mix, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
                           pin_memory=device.type == "cuda")

@@ -1,4 +1,4 @@
-"""bf16 on CPU against fp32: a training step (DeepSpeed's bf16), the agent's decisions, RL's log-probabilities, the VLA."""
+"""bf16 on CPU against fp32: a training run (DeepSpeed's bf16), the agent's decisions, RL log-probabilities, the VLA."""
 
 from __future__ import annotations
 
@@ -172,7 +172,8 @@ def test_a_bf16_training_run_matches_fp32_losses_and_weight_updates(tmp_path, to
 
     from streamvln.model.build import build_model
 
-    a = write_source(tmp_path / "data", "A", [episode(i, 20 + 7 * i, ("Go to the sofa.", "Walk left.")) for i in range(6)])
+    a = write_source(tmp_path / "data", "A",
+                     [episode(i, 20 + 7 * i, ("Go to the sofa.", "Walk left.")) for i in range(6)])
     run_nav([a], tmp_path / "shards", NavShardConfig(image_size=56, samples_per_shard=4), tokenizer_dir, progress=False)
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(TINY))
     mix = {"tasks": [{"name": "nav", "shards": [str(tmp_path / "shards" / "nav")]}], "batch_size": 2,

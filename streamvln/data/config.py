@@ -41,6 +41,10 @@ class MixConfig:
     finite: bool = False  # stop iterating at the end of each epoch (default: an endless stream)
     shuffle_window: int = 4  # shards whose samples are shuffled together (bounds reads to a few files)
     skip_corrupt: bool = False  # replace an unreadable sample by the next one (counted, logged)
+    # pack each batch's samples into language-model rows of at most this many tokens (text plus frames), in
+    # order, positions restarting per sample (streamvln/model/packing.py); 0: one sample a row, as the reference.
+    # The same samples, loss and gradients; less padding. Batches and their order do not change.
+    pack_tokens: int = 0
 
     def validate(self):
         if not self.tasks:
@@ -56,6 +60,8 @@ class MixConfig:
         for name in ("batch_size", "image_size", "max_tokens", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pack_tokens < 0:
+            raise ConfigError(f"pack_tokens must be >= 0 (0: no packing), got {self.pack_tokens}")
 
     def order_fields(self) -> dict:
         """Everything the batch order depends on (resuming under other values is refused)."""

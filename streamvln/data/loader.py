@@ -103,6 +103,8 @@ class MixPlan:
         batch = collate(samples, pad_id=self.pad_id, max_tokens=self.mix.max_tokens, image_size=self.mix.image_size,
                         uint8=self.mix.uint8_images)
         batch["skipped"] = skipped
+        if self.mix.pack_tokens:  # the model packs (it alone knows a sample's length with its frames spliced in)
+            batch["pack_tokens"] = self.mix.pack_tokens
         return batch
 
 

@@ -20,10 +20,12 @@ def model_class(model_type: str | None):
     return StreamVLNVLA if model_type == VLAConfig.model_type else StreamVLNForCausalLM
 
 
-def build_model(model_config: str | None, checkpoint: str | None, dtype=torch.float32, vla: dict | None = None):
+def build_model(model_config: str | None, checkpoint: str | None, dtype=torch.float32, vla: dict | None = None,
+                attn_implementation: str = "sdpa"):
     """From scratch (a YAML of config keys; `model_type: streamvln_vla` for the VLA model) or from a local
     checkpoint directory (never a hub id). `vla`: VLA keys to load a StreamVLN / LLaVA-Video checkpoint's
-    backbone into a VLA model (its action token and head start fresh)."""
+    backbone into a VLA model (its action token and head start fresh). `attn_implementation`: the language
+    model's attention (sdpa; flash_attention_2 where the flash-attn package is installed; eager)."""
     if checkpoint is not None:
         if not (Path(checkpoint) / "config.json").is_file():
             raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
@@ -36,12 +38,13 @@ def build_model(model_config: str | None, checkpoint: str | None, dtype=torch.fl
         extra = {}
         if vla is not None:
             raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
-            extra["config"] = VLAConfig(**{**raw, **vla}, attn_implementation="sdpa")
-        return cls.from_pretrained(checkpoint, local_files_only=True, dtype=dtype, attn_implementation="sdpa", **extra)
+            extra["config"] = VLAConfig(**{**raw, **vla}, attn_implementation=attn_implementation)
+        return cls.from_pretrained(checkpoint, local_files_only=True, dtype=dtype,
+                                   attn_implementation=attn_implementation, **extra)
     keys = yaml.safe_load(Path(model_config).read_text())
     model_type = keys.pop("model_type", None)
     cls = model_class(model_type)
-    config = cls.config_class(**keys, attn_implementation="sdpa")
+    config = cls.config_class(**keys, attn_implementation=attn_implementation)
     return cls(config).to(dtype)
 
 

@@ -18,6 +18,7 @@ from pipeline.tokens import IGNORE_INDEX, IMAGE_PLACEHOLDER, MEMORY_PLACEHOLDER
 from streamvln.data.decode import normalize_
 
 from .config import StreamVLNConfig
+from .packing import pack
 
 
 class _SiglipHolder(nn.Module):
@@ -184,12 +185,22 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, labels, attention_mask, images=None, n_images=None, n_history=None,
-                full_logits: bool = False, predictions: bool = True, **_batch_extras) -> dict:
+                full_logits: bool = False, predictions: bool = True, pack_tokens: int = 0, **_batch_extras) -> dict:
         """Loss over labelled positions. The LM head runs only where a label exists (full_logits=True
         computes all logits, as the reference, for comparison): at 32K positions x 152K vocabulary the
-        full logits are ~10 GB in bf16 per sample. predictions=False skips the argmax (training needs none)."""
+        full logits are ~10 GB in bf16 per sample. predictions=False skips the argmax (training needs none).
+        pack_tokens > 0 packs the samples into rows of that many tokens (packing.py): the same loss."""
         embeds, labels, mask = self.embed_multimodal(input_ids, labels, attention_mask, images, n_images, n_history)
-        hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        batch = len(labels)
+        if pack_tokens > 0:
+            packed = pack(embeds, labels, mask, pack_tokens)
+            embeds, labels, owner = packed.embeds, packed.labels, packed.sample
+            # no mask and no cache: transformers reads the position restarts as packed sequences
+            hidden = self.model(inputs_embeds=embeds, position_ids=packed.position_ids,
+                                use_cache=False).last_hidden_state
+        else:
+            owner = torch.arange(batch, device=labels.device)[:, None].expand_as(labels)
+            hidden = self.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         targets = labels[:, 1:]
         if full_logits:
             logits = self.lm_head(hidden[:, :-1]).float()
@@ -207,8 +218,9 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
             logits = self.lm_head(hidden[:, :-1][labelled]).float()
             token_loss = F.cross_entropy(logits, targets[labelled], reduction="none")
             predictions = logits.argmax(-1) if predictions else None
-        sample_of_token = torch.nonzero(labelled)[:, 0]
-        per_sample = torch.zeros(len(labels), device=hidden.device).index_add(0, sample_of_token, token_loss.detach())
-        counts = torch.bincount(sample_of_token, minlength=len(labels))
+        sample_of_token = owner[:, 1:][labelled]  # a labelled position's sample (its row, unpacked)
+        per_sample = torch.zeros(batch, device=hidden.device).index_add(0, sample_of_token, token_loss.detach())
+        counts = torch.bincount(sample_of_token, minlength=batch)
         return {"loss": token_loss.mean(), "loss_sum": token_loss.sum(), "sample_loss_sum": per_sample, "sample_tokens": counts,
-                "predictions": predictions, "targets": targets[labelled], "sample_of_token": sample_of_token}
+                "predictions": predictions, "targets": targets[labelled], "sample_of_token": sample_of_token,
+                "lm_rows": len(labels), "lm_positions": labels.numel(), "lm_tokens": int(mask.sum())}
