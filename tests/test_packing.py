@@ -105,6 +105,14 @@ def test_the_option_is_checked_and_reaches_the_model(shards):
     assert batch["pack_tokens"] == 512
     _, batch = model_and_batch(shards)
     assert "pack_tokens" not in batch
+    from streamvln.config import TrainConfig
+    with pytest.raises(ConfigError, match="needs the flash-attn package"):  # not installed on CPU machines
+        TrainConfig(model_config="m.yaml", attn_implementation="flash_attention_2").validate()
+    with pytest.raises(ConfigError, match="attn_implementation must be one of"):
+        TrainConfig(model_config="m.yaml", attn_implementation="flash").validate()
+    torch.manual_seed(0)
+    eager = build_model(str(shards / "model.yaml"), None, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
     from test_manip import TINY_VLA, build_model_from
     vla = build_model_from(TINY_VLA)
     with pytest.raises(ValueError, match="not packed"):
