@@ -24,7 +24,7 @@ DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/t
 	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install install-libero tokenizer demo-data sim-data ladder-data ladder-shards shards dagger demo demo-cotrain demo-dagger demo-rl demo-manip demo-libero test test-libero bench clean
+.PHONY: help install install-libero tokenizer demo-data sim-data ladder-data ladder-shards shards dagger demo demo-cotrain demo-dagger demo-rl demo-manip demo-libero test test-libero bench gpu-check gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -268,6 +268,25 @@ bench: install tokenizer shards ladder-shards  ## benchmarks: print throughput a
 	$(PY) tests/bench/bench_manip.py
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) tests/bench/bench_serve.py
 	$(PY) tests/bench/bench_packing.py
+
+# The one-shot GPU check (docs/gpu.md): on a machine with one GPU, under 8 minutes, one table; without a GPU it
+# stops at once and says so. On the device machine there is no .venv: its own python3, with the project installed.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:  ## the one-shot GPU benchmark: trainer, agent and loader at real shapes (tests/bench/bench_gpu.py)
+	$(GPU_PY) tests/bench/bench_gpu.py
+
+# What the device machine (Python 3.12, torch 2.11, no package registry; docs/gpu.md) lacks for gpu-check, as
+# cp312 wheels in .whl/ (ignored by git; about 46 MB, under the device tool's 64 MiB): the versions tested here.
+GPU_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	webdataset==1.0.2 braceexpand==0.1.7 simplejpeg==1.9.0 miniworld==2.1.0 gymnasium==1.4.0 pyglet==1.5.31 \
+	farama-notifications==0.0.6 cloudpickle==3.1.3
+gpu-wheels: | $(VENV)/.installed  ## .whl/: the wheels gpu-check needs on the device machine (docs/gpu.md)
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8  # an sdist on PyPI: built here, pure Python
+	@du -sh .whl
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
 	rm -rf $(LADDER) shards/ladder $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \

@@ -47,6 +47,9 @@ class TrainConfig:
     # the language model's attention: sdpa (the default; packed batches get a block-diagonal mask), or
     # flash_attention_2 (its varlen kernels for packed batches; needs the flash-attn package, GPUs only), or eager
     attn_implementation: str = "sdpa"
+    # the reference's loss: the LM head over every position (~6 GB of logits a 7B sample), not only the
+    # labelled ones; the same loss, for measuring what the labelled-only head saves (tests/bench/bench_gpu.py)
+    full_logits: bool = False
     mm_tunable_parts: str = "mm_vision_tower,mm_mlp_adapter,mm_language_model"
     # Options for small models trained on CPU (docs/training.md), off by default as in the reference:
     # output_vocab "labels": the LM head predicts only the token ids the training mix has as labels (scanned

@@ -136,7 +136,7 @@ class Metrics:
 
     def reset(self):
         self.loss_sum, self.loss_tokens = defaultdict(float), defaultdict(int)
-        self.samples = self.tokens = 0
+        self.samples = self.tokens = self.lm_tokens = self.frames = 0
         self.wait = 0.0
         self.start = time.perf_counter()
 
@@ -146,23 +146,30 @@ class Metrics:
             self.loss_tokens[self.names[mix_id]] += n
         self.samples += len(batch["mix_ids"])
         self.tokens += int(batch["attention_mask"].sum())
+        self.lm_tokens += out.get("lm_tokens", 0)  # text plus visual tokens: what the language model ran on
+        self.frames += int(batch["n_images"].sum())
         self.wait += wait
 
     def write(self, step: int, lr: float, world_size: int, extra: dict | None = None) -> dict:
         """Sum this interval over all ranks (every rank logs at the same steps), then write on rank 0."""
         elapsed = time.perf_counter() - self.start
         totals = torch.tensor([*(self.loss_sum[t] for t in self.names), *(self.loss_tokens[t] for t in self.names),
-                               self.samples, self.tokens, self.wait], dtype=torch.float64, device=self.device)
+                               self.samples, self.tokens, self.lm_tokens, self.frames, self.wait],
+                              dtype=torch.float64, device=self.device)
         if world_size > 1:
             torch.distributed.all_reduce(totals)
         n = len(self.names)
         totals = totals.tolist()
         losses, counts = totals[:n], totals[n : 2 * n]
-        samples, tokens, wait = totals[2 * n :]
+        samples, tokens, lm_tokens, frames, wait = totals[2 * n :]
         row = {"step": step, "loss": sum(losses) / max(1.0, sum(counts)), "lr": lr,
                "loss_per_task": {t: loss / c for t, loss, c in zip(self.names, losses, counts) if c},
                "samples": int(samples), "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+               "lm_tokens_per_s": lm_tokens / elapsed, "frames_per_s": frames / elapsed,
                "data_wait_share": wait / world_size / elapsed, **(extra or {})}
+        if self.device.type == "cuda":  # this rank's peak since the last row
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -214,6 +221,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
     # ------------------------------------------------------------ loop
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     steps = optimizer_steps(loader, cfg.grad_accum)
+    full_logits = {"full_logits": True} if cfg.full_logits else {}
     while step < total_steps:
         batches, wait = next(steps)
         # step: forward and backward per micro-batch, the optimizer at the last. global_tokens: each labelled
@@ -221,7 +229,7 @@ def train(cfg: TrainConfig, mix: MixConfig, out_dir: Path, ds_config_path: str |
         # micro-batches (DeepSpeed divides by world size x accumulation, so that factor is put back)
         scale = world_size * cfg.grad_accum / max(1.0, labelled_tokens(batches, world_size, device, count))
         for i, batch in enumerate(batches):
-            out = engine(**to_device(batch, device), predictions=False)
+            out = engine(**to_device(batch, device), predictions=False, **full_logits)
             engine.backward(out["loss_sum"] * scale if cfg.loss_normalization == "global_tokens" else out["loss"])
             engine.step()
             metrics.add(batch, out, wait if i == 0 else 0.0)

@@ -142,9 +142,11 @@ class StreamVLNVLA(StreamVLNForCausalLM):
     # ------------------------------------------------------------------ training
 
     def forward(self, input_ids, attention_mask, images, actions, action_mask, pack_tokens: int = 0,
-                **_batch_extras) -> dict:
+                full_logits: bool = False, **_batch_extras) -> dict:
         if pack_tokens:
             raise ValueError("pack_tokens: the VLA model's windows are not packed; set it to 0 for manipulation mixes")
+        if full_logits:
+            raise ValueError("full_logits: the VLA model has an action head, not a language-model loss")
         W, N = actions.shape[1], actions.shape[2]
         if (W, N) != (self.config.window, self.config.chunk) and self.config.history_type != "one-step":
             raise ValueError(f"samples of window {W} and chunk {N}; the model has window {self.config.window} and "
