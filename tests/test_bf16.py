@@ -23,8 +23,9 @@ from test_manip import manip_shards  # noqa: F401 (a fixture: tiny CALVIN shards
 ROOT = Path(__file__).resolve().parent.parent
 MOVES = [76286, 71858, 51018, 50669, 151645]  # ↑ ← → STOP <|im_end|>
 UP = 76286
-# bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); a few layers of rounding give ~1-3% on a logit
-LOGIT_TOL = 0.05  # of the largest logit's magnitude
+# bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); a few layers of rounding give a few % on a logit
+# (measured 2.4% on torch 2.13, 5.2% on 2.11); a broken path (a mask, a splice, a cast) is off by ~100%
+LOGIT_TOL = 0.1  # of the largest logit's magnitude
 
 
 def tiny(vocab) -> StreamVLNForCausalLM:
