@@ -333,6 +333,70 @@ def test_rl_cli_trains_logs_exports_and_resumes_to_the_uninterrupted_update(worl
     assert refused.exit_code == 2 and "learning_rate differ" in refused.output
 
 
+GUIDE_SCENARIOS = {  # grpo-sft-hybrid.md section 5: the guide's four command lines, beyond the required flags
+    "quick check": "--num_updates 100 --num_episodes_per_update 1 --group_size 1",
+    "standard": "--num_updates 500 --num_episodes_per_update 1 --group_size 2 --use_hybrid_training "
+                "--sft_loss_start_weight 1.0 --sft_loss_end_weight 0.9",
+    "full": "--num_updates 1000 --num_episodes_per_update 2 --group_size 2 --use_hybrid_training "
+            "--sft_loss_start_weight 1.5 --sft_loss_end_weight 0.8",
+    "ablation": "--disable_recovery --use_hybrid_training",
+}
+
+
+def test_the_guides_flags_in_both_spellings_and_what_is_refused(world, tmp_path):
+    from click.testing import CliRunner
+
+    from streamvln.rl.cli import GUIDE_VALUES, guide_overrides, main
+
+    root, _ = world
+    flags = {name: None for name, _ in GUIDE_VALUES} | {k: False for k in (
+        "use_hybrid_training", "sft_use_policy_steps", "sft_oracle_only", "enable_recovery", "disable_recovery",
+        "use_wandb", "use_deepspeed")}
+    assert guide_overrides({**flags, "sft_oracle_only": True, "disable_recovery": True, "group_size": 3}, None) == {
+        "sft_oracle_only": True, "enable_recovery": False, "group_size": 3}
+    assert guide_overrides({**flags, "use_deepspeed": True}, None)["deepspeed"].endswith("configs/deepspeed/zero2.json")
+    base = ["--model_path", str(root / "ckpt"), "--episodes", str(root / "train.json.gz"), "--output_path",
+            str(tmp_path / "out")]
+    r = CliRunner().invoke(main, [*base, "--habitat_config_path", "config/vln_r2r.yaml"])
+    assert r.exit_code == 2 and "no Habitat here" in r.output and "--episodes" in r.output
+    r = CliRunner().invoke(main, [*base, "--enable_recovery", "--disable-recovery"])
+    assert r.exit_code == 2 and "contradict" in r.output
+    r = CliRunner().invoke(main, [*base, "--group_size", "1", "--set", "advantage_std_floor=0"])
+    assert r.exit_code == 1 and "group_size 1 needs advantage_std_floor > 0" in r.output
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", list(GUIDE_SCENARIOS))
+def test_the_guides_scenarios_run_as_written(world, tmp_path, scenario):
+    """Each scenario's flags as the guide writes them, with our paths and a tiny model; the trailing
+    --num_updates 1 (the last value wins) keeps it to one update."""
+    import json
+
+    from click.testing import CliRunner
+
+    from streamvln.rl.cli import main
+
+    root, _ = world
+    small = ["--num_updates", "1", "--num-envs", "2", "--max-episodes", "2", "--width", "32", "--height", "24",
+             "--set", "max_steps_per_episode=12", "--set", "tensorboard=false"]
+    args = ["--model_path", str(root / "ckpt"), "--episodes", str(root / "train.json.gz"), "--output_path",
+            str(tmp_path / "out"), *GUIDE_SCENARIOS[scenario].split(), *small]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "out" / "rl_config.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and (tmp_path / "out" / "final").is_dir()
+    words = GUIDE_SCENARIOS[scenario].split()
+    for flag, value in zip(words, words[1:] + [None]):
+        if flag.startswith("--") and value is not None and not value.startswith("--") and flag != "--num_updates":
+            assert cfg[flag[2:]] == type(cfg[flag[2:]])(value), flag
+    assert cfg["use_hybrid_training"] is True and cfg["num_updates"] == 1
+    assert cfg["enable_recovery"] is (scenario != "ablation")
+    if scenario == "quick check":  # groups of 1: every advantage is 0, the update is SFT (and entropy) alone
+        assert cfg["group_size"] == 1 and rows[0]["policy_loss"] == 0
+
+
 def test_reference_config_is_the_defaults_and_the_demo_config_loads():
     from pathlib import Path
 

@@ -94,8 +94,10 @@ class RLConfig:
                      "num_envs", "max_steps_per_episode", "offtrack_patience", "recovery_max_steps", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        if self.group_size < 2:
-            raise ConfigError("group_size must be at least 2: advantages are relative to the group")
+        if self.group_size == 1 and self.advantage_std_floor <= 0:
+            # the guide's quick check runs groups of 1: every advantage is 0 (R - mean R), so only the SFT and
+            # entropy terms move the policy; without the floor it would be 0 / 0
+            raise ConfigError("group_size 1 needs advantage_std_floor > 0 (its advantages are 0 / std = 0 / 0)")
         if self.temperature <= 0:
             raise ConfigError("temperature must be positive")
         if self.waypoint_radius >= self.offtrack_dist_thresh:
