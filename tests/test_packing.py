@@ -140,3 +140,41 @@ def test_a_packed_training_run_resumes_exactly(shards, tmp_path):
     assert sorted(again) == [3, 4]
     for step in (3, 4):
         assert again[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_packed_runs_on_two_ranks_and_on_one_give_the_same_losses_and_resume_across(shards, tmp_path):
+    """Elastic resume with packing: 2 ranks x batch 2 and 1 rank x batch 4 are the same global batch, so the
+    same losses (packing changes rows, not the global-token normalisation); the 2-rank run's checkpoint
+    resumes on 1 rank to the same next losses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import ENV, ROOT
+    mix = {"tasks": [{"name": "nav", "shards": [str(shards / "shards" / "nav")]}], "batch_size": 2, "image_size": 56,
+           "uint8_images": True, "pack_tokens": 400}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    train = {"model_config": str(shards / "model.yaml"), "max_steps": 4, "lr": 1e-3, "vision_lr": 1e-3,
+             "warmup_ratio": 0.0, "grad_accum": 1, "bf16": False, "gradient_checkpointing": False, "num_workers": 0,
+             "log_every": 1, "save_every": 2, "keep_checkpoints": 2}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    args = ["-m", "streamvln.train", "--shards", str(tmp_path / "mix.yaml"), "--config", str(tmp_path / "train.yaml")]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29655"]
+    r = subprocess.run([*torchrun, *args, "--output-dir", str(tmp_path / "two")], capture_output=True, text=True,
+                       env={**ENV, **{k: v for k, v in os.environ.items() if k == "STREAMVLN_TOKENIZER"}}, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run(*args, "--batch-size", "4", "--output-dir", str(tmp_path / "one"))
+    two, _ = losses(tmp_path / "two")
+    one, _ = losses(tmp_path / "one")
+    for step in (1, 2, 3, 4):
+        assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-6), step
+    resumed = tmp_path / "two_to_one"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    run(*args, "--batch-size", "4", "--output-dir", str(resumed), "--resume")
+    again, _ = losses(resumed)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        assert again[step] == pytest.approx(two[step], rel=1e-4, abs=1e-6), step
