@@ -333,6 +333,61 @@ def test_rl_cli_trains_logs_exports_and_resumes_to_the_uninterrupted_update(worl
     assert refused.exit_code == 2 and "learning_rate differ" in refused.output
 
 
+def test_one_forward_per_window_gives_each_decision_its_own_logprobs_and_gradients(world):
+    """sequence_logprobs runs a window's successive decisions as one sequence (chains); every number and
+    gradient equals the per-decision forwards'."""
+    from streamvln.agent.rollout import rollout
+    from streamvln.rl.logprob import chains, sequence_logprobs
+    from streamvln.rl.policy import Member, RLPolicy
+    from streamvln.rl.train import load_policy_model
+
+    root, eps = world
+    cfg = rl_cfg(enable_recovery=False)
+    agent = load_policy_model(str(root / "ckpt"), cfg)
+    agent.cfg.num_frames, agent.cfg.num_history, agent.cfg.max_new_tokens = 8, 4, 5
+    sims = [MiniWorldSim(SimConfig(width=32, height=24)) for _ in range(2)]
+    try:
+        policy = RLPolicy(agent, sims, cfg)
+        trajectories = [r.info for r in rollout(sims, policy, [Member(eps[0], m, 0, cfg.seed) for m in range(2)])]
+    finally:
+        for s in sims:
+            s.close()
+    items = [(d.frames, d.context, d.tokens) for t in trajectories for d in t["decisions"] if d.kind == "policy"]
+    groups = chains(items)
+    assert sorted(i for c in groups for i in c) == list(range(len(items)))
+    assert len(groups) < len(items) and max(map(len, groups)) >= 2  # windows of several decisions
+    assert any(p[0] == "turn" and p[3] > 0 for _, ctx, _ in items for p in ctx)  # and windows with memory
+    params = [p for p in agent.model.parameters() if p.requires_grad]
+
+    def run(calls):
+        agent.model.zero_grad()
+        out = [sequence_logprobs(agent, c, 0.7) for c in calls]
+        logp, ent, nll = (torch.cat([o[j] for o in out]) for j in range(3))
+        (logp.sum() + ent.sum() + nll.sum()).backward()
+        return logp.detach(), ent.detach(), nll.detach(), [p.grad.clone() for p in params]
+
+    together, alone = run([items]), run([[it] for it in items])
+    for a, b in zip(together[:3], alone[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(together[3], alone[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # window_minibatches: every window whole in one minibatch, the minibatches at least mini_batch_size
+    # decisions, and the first ratio still exactly 1
+    from dataclasses import replace
+
+    import numpy as np
+
+    from streamvln.rl.update import TorchStep, _window_minibatches, update_policy
+    pg = [(d, 0.0) for t in trajectories for d in t["decisions"] if d.kind == "policy"]
+    batches = _window_minibatches(pg, 2, np.random.default_rng(0))
+    where = {int(k): j for j, b in enumerate(batches) for k in b}
+    assert sorted(where) == list(range(len(pg))) and all(len(b) >= 2 for b in batches[:-1])
+    assert all(len({where[k] for k in chain}) == 1 for chain in groups)
+    stats = update_policy(agent, TorchStep(torch.optim.AdamW(params, lr=1e-3), params, 1.0), trajectories,
+                          replace(cfg, window_minibatches=True), 0)
+    assert stats["first_ratio"] == 1.0 and stats["logp_drift"] < 1e-3 and stats["policy_decisions"] > 0
+
+
 GUIDE_SCENARIOS = {  # grpo-sft-hybrid.md section 5: the guide's four command lines, beyond the required flags
     "quick check": "--num_updates 100 --num_episodes_per_update 1 --group_size 1",
     "standard": "--num_updates 500 --num_episodes_per_update 1 --group_size 2 --use_hybrid_training "

@@ -204,6 +204,9 @@ class StreamingAgent:
     def embed_pieces(self, frames: list, pieces: list) -> torch.Tensor:
         """A decision context's embeddings, rebuilt from its pieces (RL recomputes log-probabilities on it
         with gradients through the language model; the vision tower runs without them)."""
+        return torch.cat(self.embed_each_piece(frames, pieces))
+
+    def embed_each_piece(self, frames: list, pieces: list) -> list[torch.Tensor]:
         out = []
         for piece in pieces:
             if piece[0] == "gen":
@@ -214,7 +217,7 @@ class StreamingAgent:
                 pixels = torch.stack([frames[f] for f in frame_ids])[None].to(self.device)
                 visual = list(self.net.encode_frames(pixels, torch.tensor([len(frame_ids)]))[0])
             out.append(self._embed(ids, visual, n_memory))
-        return torch.cat(out)
+        return out
 
     def _embed(self, ids: np.ndarray, visual: list[torch.Tensor], n_memory: int) -> torch.Tensor:
         """Text embeddings with <memory> replaced by all memory frames' tokens and each <image> by one frame's."""

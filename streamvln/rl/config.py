@@ -70,6 +70,10 @@ class RLConfig:
     entropy_coef: float = 0.02
     advantage_std_floor: float = 0.5  # group std below this does not blow a small return gap up to +-1
     max_steps_per_episode: int = 300
+    # PPO minibatches of whole windows (at least mini_batch_size decisions each): a window's decisions then
+    # share one forward (logprob.chains), about window-length times less update compute; off: the guide's
+    # minibatches of exactly mini_batch_size decisions drawn at random (docs/rl.md)
+    window_minibatches: bool = False
     lora: RLLora | None = field(default_factory=RLLora)
     deepspeed: str | None = None  # a DeepSpeed JSON (configs/deepspeed/zero2.json); None: plain AdamW
     num_envs: int = 4  # environments stepped together (a group's rollouts run side by side)

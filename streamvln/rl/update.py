@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import RLConfig
-from .logprob import sequence_logprobs
+from .logprob import chains, sequence_logprobs
 from .objective import clipped_policy_loss, group_advantages, sft_weight
 
 
@@ -49,6 +49,21 @@ def collect_items(trajectories: list[dict], cfg: RLConfig, update: int):
 def _minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     order = rng.permutation(n)
     return [order[k : k + size] for k in range(0, n, size)]
+
+
+def _window_minibatches(pg: list, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Whole windows (chains of a window's decisions) in a seeded order, gathered until each minibatch holds
+    at least `size` decisions."""
+    groups = chains([(d.frames, d.context, d.tokens) for d, _ in pg])
+    batches, current = [], []
+    for g in rng.permutation(len(groups)):
+        current += groups[g]
+        if len(current) >= size:
+            batches.append(np.array(current))
+            current = []
+    if current:
+        batches.append(np.array(current))
+    return batches
 
 
 def _steps_everywhere(n: int, world: int) -> int:
@@ -108,7 +123,10 @@ def update_policy(agent, step, trajectories: list[dict], cfg: RLConfig, update: 
     model = agent.model
     pg, sft, w = collect_items(trajectories, cfg, update)
     rng = np.random.default_rng([cfg.seed, update, rank])
-    plans = [_minibatches(len(pg), cfg.mini_batch_size, rng) for _ in range(cfg.ppo_epochs)]
+    if cfg.window_minibatches:
+        plans = [_window_minibatches(pg, cfg.mini_batch_size, rng) for _ in range(cfg.ppo_epochs)]
+    else:
+        plans = [_minibatches(len(pg), cfg.mini_batch_size, rng) for _ in range(cfg.ppo_epochs)]
     sft_orders = [rng.permutation(len(sft)) for _ in range(cfg.ppo_epochs)]
     model.train()
     old = torch.zeros(len(pg))

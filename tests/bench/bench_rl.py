@@ -25,7 +25,55 @@ from streamvln.sim.episodes import read_episodes  # noqa: E402
 from streamvln.sim.miniworld_sim import MiniWorldSim  # noqa: E402
 
 
+def update_forwards():
+    """The update's time per group with the guide's random minibatches (one forward per decision) and with
+    window_minibatches (one forward per window), on the same rollouts: the tiny model (configs/model/tiny.yaml,
+    random weights, a head that walks) over the reference's 32-step windows, so needs no `make demo`."""
+    import tempfile
+    from dataclasses import replace
+
+    import yaml
+
+    from pipeline.qwen_tokenizer import load_tokenizer
+    from streamvln.model.config import StreamVLNConfig
+    from streamvln.model.modeling import StreamVLNForCausalLM
+    from streamvln.sim.episodes import EpisodeGenConfig, generate_episodes
+
+    torch.manual_seed(0)
+    keys = yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())
+    model = StreamVLNForCausalLM(StreamVLNConfig(**{**keys, "initializer_range": 0.1}))
+    model.set_output_vocab([76286, 71858, 51018, 151645])  # moves and <|im_end|>: answers of a few moves
+    ckpt = Path(tempfile.mkdtemp(prefix="bench_rl_")) / "ckpt"
+    model.save_pretrained(ckpt)
+    load_tokenizer(ROOT / "build" / "qwen2_tokenizer").save_pretrained(ckpt)
+    episodes, _ = generate_episodes(EpisodeGenConfig(tier="room", scenes=2, per_scene=1, seed=5))
+    cfg = load_rl_config(None, num_envs=4, group_size=2, num_episodes_per_update=2, tensorboard=False,
+                         enable_recovery=False, max_steps_per_episode=96, mini_batch_size=2, lora=None)
+    agent = load_policy_model(str(ckpt), cfg)
+    agent.cfg.max_new_tokens = 5
+    sims = [MiniWorldSim(SimConfig(width=224, height=168, max_steps=96)) for _ in range(4)]
+    try:
+        policy = RLPolicy(agent, sims, cfg)
+        trajectories = [r.info for r in rollout(sims, policy, [Member(ep, m, 0, cfg.seed) for ep in episodes
+                                                               for m in range(2)])]
+    finally:
+        for s in sims:
+            s.close()
+    state = {k: v.clone() for k, v in agent.model.state_dict().items()}
+    print("update time per group, the same rollouts (2 groups of 2, 96 steps, the tiny model):")
+    for label, windows in (("before: random minibatches of 2 decisions", False),
+                           ("after: window_minibatches (one forward per window)", True)):
+        agent.model.load_state_dict(state)
+        params = [p for p in agent.model.parameters() if p.requires_grad]
+        step = TorchStep(torch.optim.AdamW(params, lr=1e-4), params, cfg.max_grad_norm)
+        stats = update_policy(agent, step, trajectories, replace(cfg, window_minibatches=windows), 0)
+        print(f"  {label:52s}: {stats['update_time'] / 2:6.2f} s a group ({stats['policy_decisions']} decisions, "
+              f"first ratio {stats['first_ratio']:.3f})")
+
+
 def main():
+    torch.set_num_threads(2)
+    update_forwards()
     checkpoint = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "runs" / "demo" / "final")
     episodes_path = ROOT / "data" / "sim" / "episodes" / "train.json.gz"
     if not (Path(checkpoint) / "config.json").exists() or not episodes_path.exists():
