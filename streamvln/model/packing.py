@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from pipeline.tokens import IGNORE_INDEX
 
 
 @dataclass
