@@ -119,27 +119,36 @@ def test_the_option_is_checked_and_reaches_the_model(shards):
         vla(input_ids=None, attention_mask=None, images=None, actions=None, action_mask=None, pack_tokens=64)
 
 
-@pytest.mark.slow
-def test_a_packed_training_run_resumes_exactly(shards, tmp_path):
-    mix = {"tasks": [{"name": "nav", "shards": [str(shards / "shards" / "nav")]}], "batch_size": 3, "image_size": 56,
-           "augment": True, "uint8_images": True, "pack_tokens": 400}
+def packed_run(shards, tmp_path, mix: dict, train: dict) -> list[str]:
+    """A packed mix (pack_tokens 400) and a 4-step train config written under tmp_path; streamvln.train's args."""
+    mix = {"tasks": [{"name": "nav", "shards": [str(shards / "shards" / "nav")]}], "image_size": 56,
+           "uint8_images": True, "pack_tokens": 400, **mix}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
     train = {"model_config": str(shards / "model.yaml"), "max_steps": 4, "lr": 1e-3, "vision_lr": 1e-3,
-             "warmup_ratio": 0.0, "grad_accum": 2, "bf16": False, "gradient_checkpointing": True, "num_workers": 1,
-             "log_every": 1, "save_every": 2, "keep_checkpoints": 2}
+             "warmup_ratio": 0.0, "bf16": False, "log_every": 1, "save_every": 2, "keep_checkpoints": 2, **train}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
-    args = ["-m", "streamvln.train", "--shards", str(tmp_path / "mix.yaml"), "--config", str(tmp_path / "train.yaml")]
-    run(*args, "--output-dir", str(tmp_path / "full"))
-    full, rows = losses(tmp_path / "full")
-    assert json.loads((tmp_path / "full" / "run_config.json").read_text())["mix"]["pack_tokens"] == 400
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    run(*args, "--output-dir", str(resumed), "--resume")
-    again, _ = losses(resumed)
+    return ["-m", "streamvln.train", "--shards", str(tmp_path / "mix.yaml"), "--config", str(tmp_path / "train.yaml")]
+
+
+def resume_at_step_2(args: list[str], source, target, reference: dict, *extra: str, rel: float = 1e-5) -> None:
+    """Resume from `source`'s step-2 checkpoint in `target`: steps 3 and 4 give `reference`'s losses."""
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "step-00000002", target / "checkpoints" / "step-00000002")
+    run(*args, *extra, "--output-dir", str(target), "--resume")
+    again, _ = losses(target)
     assert sorted(again) == [3, 4]
     for step in (3, 4):
-        assert again[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6)
+        assert again[step] == pytest.approx(reference[step], rel=rel, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_a_packed_training_run_resumes_exactly(shards, tmp_path):
+    args = packed_run(shards, tmp_path, {"batch_size": 3, "augment": True},
+                      {"grad_accum": 2, "gradient_checkpointing": True, "num_workers": 1})
+    run(*args, "--output-dir", str(tmp_path / "full"))
+    full, _ = losses(tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "run_config.json").read_text())["mix"]["pack_tokens"] == 400
+    resume_at_step_2(args, tmp_path / "full", tmp_path / "resumed", full)
 
 
 @pytest.mark.slow
@@ -147,34 +156,20 @@ def test_packed_runs_on_two_ranks_and_on_one_give_the_same_losses_and_resume_acr
     """Elastic resume with packing: 2 ranks x batch 2 and 1 rank x batch 4 are the same global batch, so the
     same losses (packing changes rows, not the global-token normalisation); the 2-rank run's checkpoint
     resumes on 1 rank to the same next losses."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     from test_train import ENV, ROOT
-    mix = {"tasks": [{"name": "nav", "shards": [str(shards / "shards" / "nav")]}], "batch_size": 2, "image_size": 56,
-           "uint8_images": True, "pack_tokens": 400}
-    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
-    train = {"model_config": str(shards / "model.yaml"), "max_steps": 4, "lr": 1e-3, "vision_lr": 1e-3,
-             "warmup_ratio": 0.0, "grad_accum": 1, "bf16": False, "gradient_checkpointing": False, "num_workers": 0,
-             "log_every": 1, "save_every": 2, "keep_checkpoints": 2}
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
-    args = ["-m", "streamvln.train", "--shards", str(tmp_path / "mix.yaml"), "--config", str(tmp_path / "train.yaml")]
+    args = packed_run(shards, tmp_path, {"batch_size": 2},
+                      {"grad_accum": 1, "gradient_checkpointing": False, "num_workers": 0})
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29655"]
     r = subprocess.run([*torchrun, *args, "--output-dir", str(tmp_path / "two")], capture_output=True, text=True,
-                       env={**ENV, **{k: v for k, v in os.environ.items() if k == "STREAMVLN_TOKENIZER"}}, cwd=ROOT)
+                       env=ENV, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     run(*args, "--batch-size", "4", "--output-dir", str(tmp_path / "one"))
     two, _ = losses(tmp_path / "two")
     one, _ = losses(tmp_path / "one")
     for step in (1, 2, 3, 4):
         assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-6), step
-    resumed = tmp_path / "two_to_one"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    run(*args, "--batch-size", "4", "--output-dir", str(resumed), "--resume")
-    again, _ = losses(resumed)
-    assert sorted(again) == [3, 4]
-    for step in (3, 4):
-        assert again[step] == pytest.approx(two[step], rel=1e-4, abs=1e-6), step
+    resume_at_step_2(args, tmp_path / "two", tmp_path / "two_to_one", two, "--batch-size", "4", rel=1e-4)

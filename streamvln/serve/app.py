@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from .engine import Engine, ServeError
+from .engine import Engine
 from .inputs import InputError, decode_frame
 
 OPEN_PATHS = {"/healthz"}  # liveness probes carry no token; they learn nothing but "ok"
