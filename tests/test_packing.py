@@ -117,6 +117,8 @@ def test_the_option_is_checked_and_reaches_the_model(shards):
     vla = build_model_from(TINY_VLA)
     with pytest.raises(ValueError, match="not packed"):
         vla(input_ids=None, attention_mask=None, images=None, actions=None, action_mask=None, pack_tokens=64)
+    with pytest.raises(ValueError, match="full_logits: the VLA model has an action head"):
+        vla(input_ids=None, attention_mask=None, images=None, actions=None, action_mask=None, full_logits=True)
 
 
 def packed_run(shards, tmp_path, mix: dict, train: dict) -> list[str]:
