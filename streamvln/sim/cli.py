@@ -1,4 +1,4 @@
-"""`streamvln-sim`: episodes, expert trajectories, pictures and inspection of episode files (options -> modules)."""
+"""`streamvln-sim`: episodes, expert trajectories, grounding views, pictures and inspection of episode files (options -> modules)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,34 @@ def trajectories(episodes_path, out, workers, width, height, config_path):
                f"+ {m['rejected']} rejected; {m['frames']} frames; expert success {m['expert_success']}")
     for reason, n in m["rejects_by_reason"].items():
         click.echo(f"  rejected, {reason}: {n}")
+
+
+@main.command()
+@click.option("--episodes", "episodes_path", required=True, type=click.Path(dir_okay=False),
+              help="room-rung episodes: their scenes are the ones viewed")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for grounding.json and views/")
+@click.option("--views-per-scene", type=int, default=None, help="random poses per scene [8]")
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="GroundingConfig YAML")
+def grounding(episodes_path, out, views_per_scene, width, height, seed, config_path):
+    """Views of the episodes' scenes, each asked where its objects are (ScanQA format, a co-training source)."""
+    from .grounding import GroundingConfig, write_grounding
+
+    try:
+        cfg = load_config(GroundingConfig, config_path, {"views_per_scene": views_per_scene, "seed": seed})
+        if width:
+            cfg.sim.width = width
+        if height:
+            cfg.sim.height = height
+        total = len({e.scene_id for e in read_episodes(episodes_path)})
+        with tqdm(total=total, desc="scenes", disable=None) as bar:
+            m = write_grounding(episodes_path, out, cfg, bar.update)
+    except ERRORS as e:
+        _fail(e)
+    click.echo(f"wrote {out}/grounding.json: {m['views']} views of {m['scenes']} scenes, {m['questions']} questions "
+               f"(" + ", ".join(f"{a} {n}" for a, n in m["answers"].items()) + ")")
 
 
 @main.command()
