@@ -24,7 +24,7 @@ DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/t
 	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install install-libero tokenizer demo-data sim-data ladder-data ladder-shards shards dagger demo demo-cotrain demo-dagger demo-rl demo-manip demo-libero test test-libero bench gpu-check gpu-wheels clean
+.PHONY: help install install-libero tokenizer demo-data sim-data ladder-data ladder-shards ladder-grounding shards dagger demo demo-cotrain demo-dagger demo-rl demo-manip demo-libero test test-libero bench gpu-check gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -121,6 +121,15 @@ ladder-shards: tokenizer ladder-data  ## shards/ladder/nav: the room rung's expe
 		--config configs/shards/demo.yaml --quiet
 	$(BIN)/streamvln-shards nav --src $(LADDER)/room/val_unseen_trajectories/SimRoom --tokenizer $(TOKENIZER) \
 		--out shards/ladder --config configs/shards/demo.yaml --split val --quiet
+
+# Grounding views of the room rung's training scenes (docs/simulator.md), sharded as shards/ladder/scanqa:
+# the co-training source of configs/data/demo_grounded.yaml (an experiment; docs/results.md).
+$(LADDER)/room/grounding/grounding.json: $(LADDER)/room/train.json.gz
+	$(BIN)/streamvln-sim grounding --episodes $< --out $(LADDER)/room/grounding --config configs/sim/grounding.yaml
+
+ladder-grounding: tokenizer $(LADDER)/room/grounding/grounding.json  ## shards/ladder/scanqa: grounding questions on views of the room rung's training scenes
+	$(BIN)/streamvln-shards scanqa --json $(LADDER)/room/grounding/grounding.json --scene-root $(LADDER)/room/grounding \
+		--tokenizer $(TOKENIZER) --out shards/ladder --config configs/shards/grounding.yaml --quiet
 
 demo: ladder-shards  ## fresh machine to a model that reaches its goals: sim data, shards, peek, train, evaluate, closed loop on the ladder
 	$(BIN)/streamvln-sim inspect --episodes $(LADDER)/room/val_unseen.json.gz

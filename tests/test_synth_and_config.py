@@ -101,11 +101,11 @@ def test_every_shipped_config_loads_strictly():
     from streamvln.model.build import model_class
 
     shard_configs = {"videoqa": VideoQAShardConfig, "scanqa": ScanQAShardConfig, "mmc4": MMC4ShardConfig,
-                     "calvin_demo": CalvinShardConfig}
+                     "calvin_demo": CalvinShardConfig, "grounding": ScanQAShardConfig}
     for path in (root / "shards").glob("*.yaml"):
         cls = shard_configs.get(path.stem, NavShardConfig)
         # the reference files state the defaults; the demo files are the demos' own
-        assert load_config(cls, path) == cls() or path.stem in ("demo", "calvin_demo")
+        assert load_config(cls, path) == cls() or path.stem in ("demo", "calvin_demo", "grounding")
     for path in (root / "data").glob("*.yaml"):
         assert load_mix(path).tasks
     for path in (root / "train").glob("*.yaml"):
@@ -120,6 +120,8 @@ def test_every_shipped_config_loads_strictly():
 
     assert load_config(TrajectoryConfig, root / "sim" / "trajectories.yaml") == TrajectoryConfig()  # = defaults
     assert load_config(EpisodeGenConfig, root / "sim" / "episodes_train.yaml") == EpisodeGenConfig()
+    from streamvln.sim.grounding import GroundingConfig
+    assert load_config(GroundingConfig, root / "sim" / "grounding.yaml") == GroundingConfig()  # = defaults
     from streamvln.dagger.policy import DaggerConfig
     assert load_config(DaggerConfig, root / "dagger" / "reference.yaml") == DaggerConfig()  # = defaults
     for path in (root / "deepspeed").glob("*.json"):
