@@ -171,29 +171,42 @@ dagger: sim-data  ## DAgger data with the stage-1 demo model (runs/demo/final) i
 	$(BIN)/streamvln-shards nav --src $(DAGGER) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml \
 		--split dagger --overwrite --quiet
 
-# After make demo: fine-tune the stage-1 model for the same steps on original + DAgger data (the reference's:
-# executed actions, its save rule), on original + relabelled DAgger data (the same episodes, every one
-# saved, labelled with the expert's action in each visited state) and, as the fair control, on the
-# original data alone; all in closed loop on the held-out scenes, beside stage 1.
-DAGGER_RELABEL := data/dagger_data_relabel/SimR2R
-demo-dagger: | $(VENV)/.installed  ## DAgger's effect: stage 1 fine-tuned with vs without DAgger data, closed loop before/after
-	@test -f $(DAGGER)/annotations.json || { echo "no DAgger data: run make demo and make demo-cotrain (or make dagger) first"; exit 2; }
-	$(BIN)/streamvln-dagger --checkpoint runs/demo/final $(DAGGER_RUN) --labels expert --save all --out $(DAGGER_RELABEL) \
-		--overwrite --quiet
-	$(BIN)/streamvln-shards nav --src $(DAGGER_RELABEL) --tokenizer $(TOKENIZER) --out shards --config configs/shards/demo.yaml \
-		--split dagger_relabel --overwrite --quiet
-	rm -rf runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control
-	$(BIN)/streamvln-train --shards configs/data/demo_dagger.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger
-	$(BIN)/streamvln-train --shards configs/data/demo_dagger_relabel.yaml --config configs/train/demo_dagger.yaml \
+# After make demo: DAgger on the room rung, where the stage-1 model's SR is between 0.2 and 0.8. The model drives
+# every 3rd room training episode (400) and the expert takes over when it goes wrong (the reference's rules).
+# Two labellings of what it collects: the reference's (executed actions, its save rule) and the expert's action
+# in each visited state (every episode saved). Each is mixed half and half with the walks and fine-tuned for the
+# same steps as the fair control, the walks alone; all four models drive 200 held-out room episodes (100 unseen
+# scenes), and `compare` pairs each variant with the control on the same episodes.
+ROOM_HELDOUT := $(LADDER)/room200/val_unseen.json.gz
+LADDER_DAGGER := $(LADDER)/room/dagger
+LADDER_DAGGER_RUN := --episodes $(LADDER)/room/train.json.gz --gt-annotations $(ROOM_TRAJ) \
+	--config configs/dagger/reference.yaml --every 3 --num-envs 4 --width 224 --height 168 --quiet
+DAGGER_EVAL := --episodes $(ROOM_HELDOUT) $(LADDER_EVAL)
+DAGGER_RUNS := demo_dagger demo_dagger_relabel demo_dagger_control
+
+$(ROOM_HELDOUT): | $(VENV)/.installed
+	$(BIN)/streamvln-sim episodes --tier room --out $(LADDER)/room200 --split val_unseen --scenes 100 --per-scene 2 --seed 1
+
+demo-dagger: ladder-shards $(ROOM_HELDOUT)  ## after make demo: DAgger's effect on the room rung against a fair control, paired in closed loop
+	@test -d runs/demo/final || { echo "no runs/demo/final: run make demo first"; exit 2; }
+	$(BIN)/streamvln-dagger --checkpoint runs/demo/final $(LADDER_DAGGER_RUN) --out $(LADDER_DAGGER)/SimRoomDagger --overwrite
+	$(BIN)/streamvln-dagger --checkpoint runs/demo/final $(LADDER_DAGGER_RUN) --labels expert --save all \
+		--out $(LADDER_DAGGER)/SimRoomRelabel --overwrite
+	$(BIN)/streamvln-shards nav --src $(LADDER_DAGGER)/SimRoomDagger --tokenizer $(TOKENIZER) --out shards/ladder \
+		--config configs/shards/demo.yaml --split dagger --overwrite --quiet
+	$(BIN)/streamvln-shards nav --src $(LADDER_DAGGER)/SimRoomRelabel --tokenizer $(TOKENIZER) --out shards/ladder \
+		--config configs/shards/demo.yaml --split dagger_relabel --overwrite --quiet
+	rm -rf $(addprefix runs/,$(DAGGER_RUNS)) runs/demo/room200
+	$(BIN)/streamvln-train --shards configs/data/ladder_dagger.yaml --config configs/train/ladder_dagger.yaml --output-dir runs/demo_dagger
+	$(BIN)/streamvln-train --shards configs/data/ladder_dagger_relabel.yaml --config configs/train/ladder_dagger.yaml \
 		--output-dir runs/demo_dagger_relabel
-	$(BIN)/streamvln-train --shards configs/data/demo_r2r.yaml --config configs/train/demo_dagger.yaml --output-dir runs/demo_dagger_control
-	test -f runs/demo/nav_eval/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval
-	for r in demo_dagger demo_dagger_relabel demo_dagger_control; do \
-		$(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(NAV_EVAL) --output runs/$$r/nav_eval || exit 1; done
-	@echo "closed loop on val_unseen: before (stage 1), after fine-tuning on original + DAgger, + relabelled DAgger, original only:"
-	@for r in demo demo_dagger demo_dagger_relabel demo_dagger_control; do $(PY) -c "import json,sys; s=json.load(open(sys.argv[1]))['val_unseen']; \
-		print(f\"  {sys.argv[2]:<22} SR {s['success']:.3f}  SPL {s['spl']:.3f}  nDTW {s['ndtw']:.3f}  NE {s['navigation_error']:.2f}  OS {s['oracle_success']:.3f}  collisions {s['collisions']:.1f}\")" \
-		runs/$$r/nav_eval/summary.json $$r || exit 1; done
+	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/ladder_dagger.yaml --output-dir runs/demo_dagger_control
+	$(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(DAGGER_EVAL) --output runs/demo/room200
+	for r in $(DAGGER_RUNS); do $(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(DAGGER_EVAL) --output runs/$$r/room200 || exit 1; done
+	@echo "paired on the 200 held-out room episodes: each DAgger variant - the control (same steps on the walks alone):"
+	$(BIN)/streamvln-nav-eval compare runs/demo_dagger_control/room200 runs/demo_dagger/room200
+	$(BIN)/streamvln-nav-eval compare runs/demo_dagger_control/room200 runs/demo_dagger_relabel/room200
+	$(BIN)/streamvln-nav-eval compare runs/demo/room200 runs/demo_dagger_control/room200
 
 # After make demo: the GRPO + SFT hybrid stage on the stage-1 model (configs/rl/demo.yaml) and, as the fair
 # control, supervised training continued from the same model on the same data for the same wall-clock time;
