@@ -132,3 +132,18 @@ def test_only_one_room_scenes(tmp_path, tier):
     r = CliRunner().invoke(sim_cli, ["grounding", "--episodes", str(tmp_path / "train.json.gz"), "--out",
                                      str(tmp_path / "g")])
     assert r.exit_code == 2 and "one-room scenes" in r.output
+
+
+def test_every_view_is_written_or_counted(tmp_path):
+    """With no absent-object question a view can have nothing clear to ask: it is counted, not lost. A margin
+    wider than the frame leaves every object unclear, so here every view is such a view."""
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("views_per_scene: 6\nabsent_questions: 0\nedge_margin_deg: 170\nsim: {width: 64, height: 48}\n")
+    r = CliRunner().invoke(sim_cli, ["grounding", "--episodes", str(_episodes(tmp_path)), "--out", str(tmp_path / "g"),
+                                     "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "g" / "grounding_meta.json").read_text())
+    records = json.loads((tmp_path / "g" / "grounding.json").read_text())
+    assert meta["views"] == len(records) and meta["views"] + meta["views_skipped"] == 2 * 6
+    assert meta["views_skipped"] == 12 and "12 views had nothing to ask" in r.output
+    assert meta["config"]["absent_questions"] == 0  # the resolved config is saved with the output

@@ -115,7 +115,8 @@ def grounding(episodes_path, out, views_per_scene, width, height, seed, config_p
     except ERRORS as e:
         _fail(e)
     click.echo(f"wrote {out}/grounding.json: {m['views']} views of {m['scenes']} scenes, {m['questions']} questions "
-               f"(" + ", ".join(f"{a} {n}" for a, n in m["answers"].items()) + ")")
+               f"(" + ", ".join(f"{a} {n}" for a, n in m["answers"].items()) + ")"
+               + (f"; {m['views_skipped']} views had nothing to ask" if m["views_skipped"] else ""))
 
 
 @main.command()

@@ -156,8 +156,9 @@ def write_grounding(episodes_path, out, cfg: GroundingConfig, progress=None) -> 
 
     cfg.validate()
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     scenes = list(dict.fromkeys(e.scene_id for e in read_episodes(episodes_path)))
-    records, answers = [], dict.fromkeys((*ANSWERS, "description"), 0)
+    records, answers, skipped = [], dict.fromkeys((*ANSWERS, "description"), 0), 0
     with MiniWorldSim(cfg.sim) as sim:
         for index, scene_id in enumerate(scenes):
             spec, grid = sim.scene(scene_id)
@@ -168,7 +169,8 @@ def write_grounding(episodes_path, out, cfg: GroundingConfig, progress=None) -> 
                 rng = np.random.default_rng([cfg.seed, index, k])
                 agent, heading = random_pose(spec, grid, rng, cfg)
                 qa = view_questions(spec, agent, heading, rng, cfg)
-                if not qa:  # only possible with absent_questions 0: nothing to ask of this view
+                if not qa:  # only possible with absent_questions 0: nothing to ask of this view (counted)
+                    skipped += 1
                     continue
                 view = f"views/{scene_id}_v{k:02d}"
                 rgb = sim.teleport((agent[0], 0.0, agent[1]), heading).rgb
@@ -184,7 +186,7 @@ def write_grounding(episodes_path, out, cfg: GroundingConfig, progress=None) -> 
             if progress:
                 progress(1)
     atomic_write(out / "grounding.json", json.dumps(records, indent=1) + "\n")
-    meta = {"episodes": str(episodes_path), "scenes": len(scenes), "views": len(records),
+    meta = {"episodes": str(episodes_path), "scenes": len(scenes), "views": len(records), "views_skipped": skipped,
             "questions": sum(answers.values()), "answers": answers,
             "config": asdict(cfg)}
     atomic_write(out / "grounding_meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
