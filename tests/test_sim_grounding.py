@@ -121,6 +121,10 @@ def test_config_is_checked(tmp_path):
     r = CliRunner().invoke(sim_cli, ["grounding", "--episodes", str(_episodes(tmp_path)), "--out", str(tmp_path / "g"),
                                      "--config", str(bad)])
     assert r.exit_code == 2 and "colour_words" in r.output
+    bad.write_text("views_per_scene: 2\nsim: {max_steps: 50}\n")  # a still view takes no step: refused, not ignored
+    r = CliRunner().invoke(sim_cli, ["grounding", "--episodes", str(_episodes(tmp_path)), "--out", str(tmp_path / "g"),
+                                     "--config", str(bad)])
+    assert r.exit_code == 2 and "sim.max_steps" in r.output
     assert not (tmp_path / "g" / "grounding.json").exists()
 
 

@@ -30,6 +30,8 @@ from .trajectories import atomic_write, write_video
 from .world import COLOURS, KINDS
 
 ANSWERS = ("left", "ahead", "right", "not visible")
+# SimConfig fields a still view does not use (no step is taken): set to anything but the default, refused
+UNUSED_SIM = ("forward_step", "turn_angle", "max_steps", "success_distance")
 ROOM_KINDS = ("box", "ball")
 
 
@@ -57,6 +59,13 @@ class GroundingConfig:
             raise ValueError("need 0 <= ahead_deg <= side_deg < hfov / 2")
         if self.absent_questions < 0:
             raise ValueError("absent_questions must be >= 0")
+        if self.edge_margin_deg < 0:
+            raise ValueError("edge_margin_deg must be >= 0")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("jpeg_quality must be in 1..100")
+        unused = [k for k in UNUSED_SIM if getattr(self.sim, k) != getattr(SimConfig(), k)]
+        if unused:
+            raise ValueError(f"sim.{', sim.'.join(unused)}: not used by grounding views (no step is taken)")
 
 
 def extent(obj) -> float:
