@@ -21,7 +21,8 @@ except LiberoUnavailable as e:
 from pipeline.manip import run_calvin  # noqa: E402
 from streamvln.manip.closed_loop import Chain, evaluate  # noqa: E402
 from streamvln.manip.libero import (  # noqa: E402
-    LiberoEnv, LiberoSim, init_states, package_version, select_tasks, suite_tasks)
+    LiberoEnv, init_states, package_version, select_tasks, suite_tasks)
+from streamvln.manip.libero_sim import LiberoSim  # noqa: E402
 from streamvln.manip.libero_synth import LiberoSynthConfig, synthesize  # noqa: E402
 from streamvln.manip.policy import ExpertPolicy, VLAPolicy, ZeroPolicy  # noqa: E402
 from test_manip import TINY_VLA, W, build_model_from, shard_cfg  # noqa: E402

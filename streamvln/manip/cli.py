@@ -100,7 +100,8 @@ def evaluate_cmd(checkpoint, policy_name, sim, suite, tasks, episodes, chains, n
 
     try:
         if sim == "libero":
-            from .libero import LiberoSim, select_tasks
+            from .libero import select_tasks
+            from .libero_sim import LiberoSim
 
             simulator = LiberoSim(suite)
             chosen = [t.name for t in select_tasks(suite, tasks)]

@@ -37,7 +37,7 @@ class Chain:
 class TabletopSim:
     """The pybullet tabletop behind run_chains: how a chain starts, its instructions, success, expert and plans.
 
-    LiberoSim (libero.py) has the same methods, so one rollout loop serves both simulators."""
+    LiberoSim (libero_sim.py) has the same methods, so one rollout loop serves both simulators."""
 
     name = "tabletop"
 

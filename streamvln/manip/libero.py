@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
-
-from .closed_loop import Chain
 
 INSTALL_HINT = "LIBERO is an optional extra: pip install -e '.[libero]' (or make install-libero)"
 # Steps per episode in LIBERO's evaluation (its longest demonstrations plus a margin), by suite
@@ -167,51 +165,6 @@ class LiberoEnv:
         if self.env is not None:
             self.env.close()
             self.env, self.task = None, None
-
-
-class LiberoSim:
-    """LIBERO for closed_loop.run_chains: one official initial state per chain of one task (Chain.seed = its index)."""
-
-    name = "libero"
-
-    def __init__(self, suite: str, cfg: LiberoConfig | None = None):
-        self.suite, self.cfg = suite, cfg or LiberoConfig()
-        self.tasks = {t.name: t for t in suite_tasks(suite)}
-        self._states: dict[str, np.ndarray] = {}
-
-    def default_max_steps(self) -> int:
-        return MAX_STEPS.get(self.suite, 400)
-
-    def make_chains(self, mode: str, tasks: list[str], episodes: int, seed: int) -> list[Chain]:
-        """Per task the first `episodes` official initial states (LIBERO has no chains of tasks)."""
-        if mode != "tasks":
-            raise ValueError("LIBERO has no chains of tasks (its libero_10 tasks are the long ones): use --chains 0")
-        if episodes > 50:
-            raise ValueError("LIBERO has 50 official initial states per task")
-        return [Chain(k, e, [t]) for k, (t, e) in enumerate((t, e) for t in tasks for e in range(episodes))]
-
-    def make_env(self) -> LiberoEnv:
-        return LiberoEnv(self.cfg)
-
-    def start(self, env: LiberoEnv, chain: Chain, render: bool) -> dict:
-        task = self.tasks[chain.tasks[0]]
-        if task.name not in self._states:
-            self._states[task.name] = init_states(task)
-        return env.reset(task, self._states[task.name][chain.seed], render=render)
-
-    def instruction(self, task: str) -> str:
-        return self.tasks[task].language
-
-    def succeeded(self, env: LiberoEnv, task: str, start: dict, obs: dict) -> bool:
-        return env.success()
-
-    def make_expert(self, task: str, env: LiberoEnv):
-        from .libero_expert import LiberoExpert
-
-        return LiberoExpert(env)
-
-    def config(self) -> dict:
-        return {"sim": self.name, "suite": self.suite, "libero": package_version(), **asdict(self.cfg)}
 
 
 def package_version() -> str:
