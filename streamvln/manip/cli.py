@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from .tasks import TASKS
+from .tasks import RUNGS, get_rung
+
+RUNG_HELP = "The tabletop ladder's rung: " + "; ".join(f"{r.name}: {r.about}" for r in RUNGS.values()) + "."
 
 
 @click.group()
@@ -19,16 +21,23 @@ def main():
 @click.option("--episodes", default=200, show_default=True, help="Training episodes (each a chain of 1..max-tasks tasks).")
 @click.option("--val-episodes", default=20, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--max-tasks", default=3, show_default=True, help="Tasks per episode, run one after the other.")
+@click.option("--rung", type=click.Choice(list(RUNGS)), default="full", show_default=True, help=RUNG_HELP)
+@click.option("--max-tasks", default=None, type=int,
+              help="Most tasks per episode, run one after the other [full: 3; one-task rungs: 1].")
 @click.option("--static-size", default=128, show_default=True, help="Static camera size (CALVIN: 200).")
 @click.option("--gripper-size", default=84, show_default=True, help="Gripper camera size (CALVIN: 84).")
+@click.option("--action-noise", default=0.0, show_default=True,
+              help="DART-style noise (std, relative-action units) on the executed motion while the gripper is open; "
+                   "the labels stay the expert's.")
 @click.option("--workers", default=1, show_default=True)
-def synth(out, episodes, val_episodes, seed, max_tasks, static_size, gripper_size, workers):
+def synth(out, episodes, val_episodes, seed, rung, max_tasks, static_size, gripper_size, action_noise, workers):
     """Write CALVIN-format demonstrations of the scripted expert (resumes an interrupted run)."""
     from .synth import SynthConfig, synthesize
 
+    max_tasks = min(3, get_rung(rung).max_tasks) if max_tasks is None else max_tasks
     try:
-        summary = synthesize(out, SynthConfig(episodes, val_episodes, seed, max_tasks, static_size, gripper_size),
+        summary = synthesize(out, SynthConfig(episodes, val_episodes, seed, max_tasks, static_size, gripper_size, rung,
+                                              action_noise),
                              workers=workers)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
@@ -77,11 +86,13 @@ def report(out, summary: dict) -> None:
 @click.option("--sim", type=click.Choice(["tabletop", "libero"]), default="tabletop", show_default=True,
               help="tabletop: the pybullet tabletop; libero: LIBERO's official tasks and initial states (extra).")
 @click.option("--suite", default="libero_object", show_default=True, help="The LIBERO suite (--sim libero).")
+@click.option("--rung", type=click.Choice(list(RUNGS)), default="full", show_default=True, help=RUNG_HELP)
 @click.option("--tasks", default="all", show_default=True,
-              help="'all' or comma-separated task names (LIBERO: names or indices).")
+              help="'all' (the rung's tasks) or comma-separated task names (LIBERO: names or indices).")
 @click.option("--episodes", default=20, show_default=True,
               help="Initial states per task (single-task success; LIBERO: the first N of its 50 official ones).")
-@click.option("--chains", default=None, type=int, help="5-task chains (CALVIN's protocol) [= --episodes; LIBERO: 0].")
+@click.option("--chains", default=None, type=int,
+              help="5-task chains (CALVIN's protocol) [= --episodes; LIBERO and one-task rungs: 0].")
 @click.option("--num-envs", default=4, show_default=True, help="Environments stepped together (one model call a step).")
 @click.option("--max-steps", default=None, type=int,
               help="Steps per subtask [tabletop 240 (CALVIN: 360); LIBERO: its per-suite limit].")
@@ -91,15 +102,18 @@ def report(out, summary: dict) -> None:
               help="The shards' prompt template.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="results (*.jsonl) and summary.json.")
-def evaluate_cmd(checkpoint, policy_name, sim, suite, tasks, episodes, chains, num_envs, max_steps, execute, prompt,
+def evaluate_cmd(checkpoint, policy_name, sim, suite, rung, tasks, episodes, chains, num_envs, max_steps, execute, prompt,
                  seed, out_dir):
     """Closed-loop success per task and over 5-task chains (success rate per chain length, average length)."""
     from .closed_loop import TabletopSim, evaluate
     from .libero import LiberoUnavailable
     from .policy import ExpertPolicy, VLAPolicy, ZeroPolicy
+    from .tabletop import TabletopConfig
 
     try:
         if sim == "libero":
+            if rung != "full":
+                raise ValueError("--rung chooses a tabletop rung; LIBERO's tasks are chosen with --suite and --tasks")
             from .libero import select_tasks
             from .libero_sim import LiberoSim
 
@@ -107,12 +121,16 @@ def evaluate_cmd(checkpoint, policy_name, sim, suite, tasks, episodes, chains, n
             chosen = [t.name for t in select_tasks(suite, tasks)]
             chains = 0 if chains is None else chains
         else:
-            simulator = TabletopSim()
-            chosen = TASKS if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-            unknown = sorted(set(chosen) - set(TASKS))
+            ladder = get_rung(rung)
+            simulator = TabletopSim(TabletopConfig(blocks=ladder.blocks))
+            chosen = list(ladder.tasks) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+            unknown = sorted(set(chosen) - set(ladder.tasks))
             if unknown:
-                raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
-            chains = episodes if chains is None else chains
+                raise ValueError(f"task(s) {unknown} are not on rung {rung!r}; its tasks: {', '.join(ladder.tasks)}")
+            if chains is None:
+                chains = episodes if ladder.max_tasks >= 5 else 0
+            if chains and ladder.max_tasks < 5:
+                raise ValueError(f"rung {rung!r} asks one task per episode: it has no 5-task chains (use --chains 0)")
     except (ValueError, LiberoUnavailable) as e:
         raise click.ClickException(str(e)) from None
     if policy_name == "model":
@@ -134,7 +152,8 @@ def evaluate_cmd(checkpoint, policy_name, sim, suite, tasks, episodes, chains, n
     try:
         summary = evaluate(policy, out_dir, tasks=chosen, episodes=episodes, chains=chains, seed=seed, sim=simulator,
                            num_envs=num_envs, max_steps=max_steps,
-                           config={"checkpoint": checkpoint, "policy": policy_name, "execute": execute, "prompt": prompt})
+                           config={"checkpoint": checkpoint, "policy": policy_name, "execute": execute, "prompt": prompt,
+                                   **({"rung": rung} if sim == "tabletop" else {})})
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_summary(summary))

@@ -1,7 +1,8 @@
 """`streamvln-manip synth`: CALVIN-format demonstrations from the pybullet tabletop and its scripted expert.
 
-Each episode starts from a seeded scene and runs a chain of 1-3 feasible tasks with the expert, one
-after the other without a reset (CALVIN's play data is continuous too). Every control step is one
+Each episode starts from a seeded scene of the chosen rung (tasks.RUNGS: its blocks and tasks) and runs
+a chain of 1..max_tasks feasible tasks with the expert, one after the other without a reset (CALVIN's
+play data is continuous too). Every control step is one
 frame file `episode_XXXXXXX.npz` (rgb_static, rgb_gripper, robot_obs, scene_obs, actions,
 rel_actions); every task the expert completed is one language span (start, end inclusive) with a
 paraphrased instruction in `lang_annotations/auto_lang_ann.npy`. Frame ids are episode x 1000 + step,
@@ -27,7 +28,7 @@ from pipeline.shard_writer import write_json_atomic
 
 from .expert import Expert
 from .tabletop import Tabletop, TabletopConfig
-from .tasks import PARAPHRASES, instruction, parse_task, sample_chain, succeeded
+from .tasks import PARAPHRASES, get_rung, instruction, parse_task, sample_chain, succeeded
 
 MAX_TASK_STEPS = 200
 FRAMES_PER_EPISODE = 1000  # frame id = episode x 1000 + step
@@ -41,6 +42,18 @@ class SynthConfig:
     max_tasks: int = 3  # tasks per episode: 1..max_tasks
     static_size: int = 128
     gripper_size: int = 84
+    rung: str = "full"  # tasks.RUNGS: one-block, named-block, full
+    # DART-style noise (std, in relative-action units) added to the executed arm motion while the gripper is open
+    # (approaches); the frame's label stays the expert's own action, so the data shows corrections from where
+    # the noise led, which a policy's own errors lead to in closed loop. 0: the expert's actions as they are.
+    action_noise: float = 0.0
+
+    def __post_init__(self):
+        rung = get_rung(self.rung)
+        if not 0.0 <= self.action_noise <= 1.0:
+            raise ValueError(f"action_noise must be in [0, 1] (relative-action units), got {self.action_noise}")
+        if not 1 <= self.max_tasks <= rung.max_tasks:
+            raise ValueError(f"max_tasks must be 1..{rung.max_tasks} on rung {self.rung!r}, got {self.max_tasks}")
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -62,13 +75,17 @@ def run_episode(env: Tabletop, folder: Path, episode: int, seed: int, cfg: Synth
     """Simulate one episode, write its frames; its spans and what failed."""
     rng = np.random.default_rng([seed, episode])
     obs = env.reset(int(rng.integers(2**31)))
-    chain = sample_chain(obs["scene_obs"], rng, int(rng.integers(1, cfg.max_tasks + 1)))
+    chain = sample_chain(obs["scene_obs"], rng, int(rng.integers(1, cfg.max_tasks + 1)), list(get_rung(cfg.rung).tasks))
+    noise = np.random.default_rng([seed, episode, 1])  # its own stream: without noise the output is unchanged
     step, spans, failures = 0, [], []
     for task in chain:
         expert, start, start_scene = Expert(task, env, rng), step, obs["scene_obs"]
         for _ in range(MAX_TASK_STEPS):
             action = expert.act()
-            absolute = env.step(action)
+            executed = action.copy()
+            if cfg.action_noise and action[6] > 0:
+                executed[:3] += noise.normal(0.0, cfg.action_noise, 3).astype(np.float32)
+            absolute = env.step(executed)
             write_npz(folder / f"episode_{episode * FRAMES_PER_EPISODE + step:07d}.npz",
                       {**obs, "actions": absolute, "rel_actions": action})
             step += 1
@@ -92,7 +109,7 @@ _worker: dict = {}
 
 
 def _init(cfg: SynthConfig):
-    _worker["env"] = Tabletop(TabletopConfig(cfg.static_size, cfg.gripper_size))
+    _worker["env"] = Tabletop(TabletopConfig(cfg.static_size, cfg.gripper_size, get_rung(cfg.rung).blocks))
     _worker["cfg"] = cfg
 
 

@@ -33,6 +33,12 @@ TRAY_SLOTS = {"red": (-0.04, 0.035), "blue": (0.04, 0.035), "green": (0.0, -0.04
 class TabletopConfig:
     static_size: int = 128  # CALVIN's static camera is 200x200; rendering cost grows with pixels
     gripper_size: int = 84  # CALVIN's gripper camera size
+    blocks: tuple[str, ...] = tuple(COLORS)  # the blocks on the table (the ladder's bottom rung: red only)
+
+    def __post_init__(self):
+        self.blocks = tuple(self.blocks)
+        if not self.blocks or len(set(self.blocks)) != len(self.blocks) or set(self.blocks) - set(COLORS):
+            raise ValueError(f"blocks must be distinct colours of {tuple(COLORS)}, got {self.blocks}")
 
 
 class Tabletop:
@@ -57,7 +63,8 @@ class Tabletop:
         for finger in FINGERS:
             pb.changeDynamics(self.robot, finger, lateralFriction=2.0, physicsClientId=c)
         self.tray = self._make_tray()
-        for name, rgba in COLORS.items():
+        for name in self.cfg.blocks:
+            rgba = COLORS[name]
             shape = pb.createCollisionShape(pb.GEOM_BOX, halfExtents=[BLOCK_HALF] * 3, physicsClientId=c)
             visual = pb.createVisualShape(pb.GEOM_BOX, halfExtents=[BLOCK_HALF] * 3, rgbaColor=rgba, physicsClientId=c)
             body = pb.createMultiBody(0.05, shape, visual, [0, 0, BLOCK_HALF], physicsClientId=c)
@@ -168,8 +175,9 @@ class Tabletop:
         return np.array([*pos, *euler, self.gripper_width(), *joints, self.gripper_action], dtype=np.float32)
 
     def scene_obs(self) -> np.ndarray:
-        """CALVIN's 24: six articulation states (none here: zeros), then each block's position and euler."""
-        poses = [np.concatenate(self.block_pose(n)) for n in COLORS]
+        """CALVIN's 24: six articulation states (none here: zeros), then each block's position and euler (zeros
+        for a block the scene does not hold)."""
+        poses = [np.concatenate(self.block_pose(n)) if n in self.blocks else np.zeros(6) for n in COLORS]
         return np.concatenate([np.zeros(6), *poses]).astype(np.float32)
 
     def render(self) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +188,10 @@ class Tabletop:
         static = pb.getCameraImage(s, s, view, proj, renderer=pb.ER_TINY_RENDERER, physicsClientId=c)[2]
         state = pb.getLinkState(self.robot, EE_LINK, computeForwardKinematics=True, physicsClientId=c)
         rot = np.array(pb.getMatrixFromQuaternion(state[5])).reshape(3, 3)
-        eye = np.array(state[4]) - rot[:, 2] * 0.10 + rot[:, 0] * 0.05  # behind the fingers, looking along them
+        # on the approach axis, 10 cm behind the fingers, looking along them: a block right below the grasp point is
+        # in the middle of the picture at any height (5 cm off the axis, its place in the picture also moved with the
+        # height, and a tiny policy could not learn the x offset: docs/manip.md)
+        eye = np.array(state[4]) - rot[:, 2] * 0.10
         hand_view = pb.computeViewMatrix(eye.tolist(), (eye + rot[:, 2]).tolist(), rot[:, 0].tolist())
         hand_proj = pb.computeProjectionMatrixFOV(75, 1.0, 0.01, 2.0)
         hand = pb.getCameraImage(g, g, hand_view, hand_proj, renderer=pb.ER_TINY_RENDERER, physicsClientId=c)[2]

@@ -1,10 +1,12 @@
-"""Tabletop tasks: names, instructions with paraphrases, success checks on the state, feasibility and 5-task chains.
+"""Tabletop tasks: names, instructions with paraphrases, success checks, feasibility, 5-task chains and the rungs.
 
 Success is judged as CALVIN's task oracle does: from the state when the subtask started and the state
 now (scene_obs / robot_obs layouts of tabletop.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -116,3 +118,30 @@ def sample_chain(scene: np.ndarray, rng: np.random.Generator, length: int = 5, t
         chain.append(options[int(rng.integers(len(options)))])
         scene = predict_scene(chain[-1], scene)
     return chain
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of the tabletop ladder: which blocks the scene holds, which tasks are asked, how many in a row."""
+
+    name: str
+    blocks: tuple[str, ...]
+    tasks: tuple[str, ...]
+    max_tasks: int  # the longest chain of tasks an episode runs (1: one task per episode, and no 5-task chains)
+    about: str
+
+
+RUNGS = {r.name: r for r in (
+    Rung("one-block", ("red",), ("lift_red_block",), 1,
+         "one red block at a random place and yaw; one task: lift it"),
+    Rung("named-block", tuple(COLORS), tuple(f"lift_{c}_block" for c in COLORS), 1,
+         "three blocks; lift the one the instruction names"),
+    Rung("full", tuple(COLORS), tuple(TASKS), 5,
+         "three blocks and a tray; the 12 tasks, chained (synth: 1..max-tasks; eval: 5-task chains)"),
+)}
+
+
+def get_rung(name: str) -> Rung:
+    if name not in RUNGS:
+        raise ValueError(f"unknown rung {name!r}; known: {', '.join(RUNGS)}")
+    return RUNGS[name]
