@@ -229,36 +229,39 @@ demo-rl: | $(VENV)/.installed  ## the RL stage vs continued supervised training 
 		print('RL training rollouts, first and last fifth of the updates:'); \
 		[print(f'  {n:<6} SR {f(rs,\"sr\"):.3f}  SPL {f(rs,\"spl\"):.3f}  oracle rate {f(rs,\"oracle_rate\"):.3f}  interventions/rollout {f(rs,\"intervention_rate\"):.2f}  return {f(rs,\"return\"):+.2f}') for n,rs in (('first',rows[:k]),('last',rows[-k:]))]"
 
-# A CALVIN-format folder's training and validation splits to shards: $(call calvin_shards,DATA,OUT)
+# A CALVIN-format folder's training and validation splits to shards: $(call calvin_shards,DATA,OUT,SHARD_CONFIG)
 define calvin_shards
 	$(BIN)/streamvln-shards calvin --src $(1)/training --tokenizer $(TOKENIZER) --out $(2) \
-		--config configs/shards/calvin_demo.yaml --quiet
+		--config configs/shards/$(3).yaml --quiet
 	$(BIN)/streamvln-shards calvin --src $(1)/validation --tokenizer $(TOKENIZER) --out $(2) \
-		--config configs/shards/calvin_demo.yaml --split val --quiet
+		--config configs/shards/$(3).yaml --split val --quiet
 endef
-# The tiny VLA trained on configs/data/MIX.yaml, evaluated offline (MIX_val.yaml) and in closed loop beside the
-# scripted expert and the zero action: $(call vla_run,RUN_DIR,MIX,EVAL_OPTIONS)
+# A VLA trained with configs/train/TRAIN.yaml on configs/data/MIX.yaml, evaluated offline (MIX_val.yaml) and in
+# closed loop beside the scripted expert and the zero action: $(call vla_run,RUN_DIR,MIX,TRAIN,EVAL_OPTIONS)
 define vla_run
 	rm -rf $(1)
-	$(BIN)/streamvln-train --shards configs/data/$(2).yaml --config configs/train/manip_demo.yaml --output-dir $(1)
+	$(BIN)/streamvln-train --shards configs/data/$(2).yaml --config configs/train/$(3).yaml --output-dir $(1)
 	$(BIN)/streamvln-eval --checkpoint $(1)/final --shards configs/data/$(2)_val.yaml --out $(1)/offline_eval.json
-	$(BIN)/streamvln-manip eval --checkpoint $(1)/final $(3) --out $(1)/closed_loop
-	$(BIN)/streamvln-manip eval --policy expert $(3) --out $(1)/closed_loop_expert
-	$(BIN)/streamvln-manip eval --policy zero $(3) --out $(1)/closed_loop_zero
+	$(BIN)/streamvln-manip eval --checkpoint $(1)/final $(4) --out $(1)/closed_loop
+	$(BIN)/streamvln-manip eval --policy expert $(4) --out $(1)/closed_loop_expert
+	$(BIN)/streamvln-manip eval --policy zero $(4) --out $(1)/closed_loop_zero
 endef
 
-# Manipulation (RoboVLMs-style VLA): tabletop demonstrations in CALVIN format, shards, the tiny VLA, offline
-# evaluation on held-out windows, then closed loop per task and over 5-task chains beside the scripted
-# expert (upper bound) and the zero action (baseline). Independent of make demo.
+# Manipulation (RoboVLMs-style VLA) on the ladder's bottom rung (one red block at a random place: lift it):
+# the scripted expert's demonstrations with DART-style noise on its approaches (docs/manip.md), one-step CALVIN
+# shards, the demo VLA (configs/model/demo_vla.yaml), offline evaluation on held-out windows, then closed loop
+# on 50 held-out initial states beside the scripted expert (upper bound) and the zero action (baseline).
+# Independent of make demo. The higher rungs: make demo-manip-ladder.
 MANIP := data/manip
-MANIP_EVAL := --episodes 3 --chains 5 --num-envs 4 --max-steps 240
-demo-manip: tokenizer  ## manipulation: synth (pybullet) -> CALVIN shards -> train the tiny VLA -> offline and closed-loop eval
-	$(BIN)/streamvln-manip synth --out $(MANIP) --episodes 160 --val-episodes 16 --max-tasks 2 --workers 2
-	$(call calvin_shards,$(MANIP),shards)
+MANIP_EVAL := --rung one-block --episodes 50 --max-steps 150 --num-envs 4
+demo-manip: tokenizer  ## manipulation: one-block demos (pybullet) -> CALVIN shards -> the tiny VLA -> offline and closed loop
+	$(BIN)/streamvln-manip synth --out $(MANIP) --rung one-block --episodes 300 --val-episodes 20 --action-noise 0.3 \
+		--workers 2
+	$(call calvin_shards,$(MANIP),shards,calvin_ladder)
 	tools/peek shards/manip
 	tools/peek shards/manip --verify
 	tools/peek shards/manip --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,manip) --sheet shards/peek-manip.png
-	$(call vla_run,runs/manip,manip_demo,$(MANIP_EVAL))
+	$(call vla_run,runs/manip,manip_demo,manip_demo,$(MANIP_EVAL))
 
 # LIBERO (optional extra): the scripted expert's demonstrations of libero_object's 10 official tasks (seeded
 # placements), shards, the tiny VLA, then closed loop on LIBERO's official initial states and success
@@ -267,9 +270,9 @@ LIBERO := data/libero
 LIBERO_EVAL := --sim libero --suite libero_object --episodes 2 --num-envs 4
 demo-libero: install-libero tokenizer  ## LIBERO (extra): expert demos -> shards -> tiny VLA -> closed loop on official states
 	$(BIN)/streamvln-manip libero-synth --out $(LIBERO) --suite libero_object --episodes 6 --val-episodes 1 --workers 2
-	$(call calvin_shards,$(LIBERO),shards/libero)
+	$(call calvin_shards,$(LIBERO),shards/libero,calvin_demo)
 	tools/peek shards/libero/manip --verify
-	$(call vla_run,runs/libero,libero_demo,$(LIBERO_EVAL))
+	$(call vla_run,runs/libero,libero_demo,libero_demo,$(LIBERO_EVAL))
 
 test: install tokenizer  ## run the test suite (installs what it needs; LIBERO's tests skip without the extra)
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q

@@ -101,16 +101,16 @@ def test_every_shipped_config_loads_strictly():
     from streamvln.model.build import model_class
 
     shard_configs = {"videoqa": VideoQAShardConfig, "scanqa": ScanQAShardConfig, "mmc4": MMC4ShardConfig,
-                     "calvin_demo": CalvinShardConfig, "grounding": ScanQAShardConfig}
+                     "calvin_demo": CalvinShardConfig, "calvin_ladder": CalvinShardConfig, "grounding": ScanQAShardConfig}
     for path in (root / "shards").glob("*.yaml"):
         cls = shard_configs.get(path.stem, NavShardConfig)
         # the reference files state the defaults; the demo files are the demos' own
-        assert load_config(cls, path) == cls() or path.stem in ("demo", "calvin_demo", "grounding")
+        assert load_config(cls, path) == cls() or path.stem in ("demo", "calvin_demo", "calvin_ladder", "grounding")
     for path in (root / "data").glob("*.yaml"):
         assert load_mix(path).tasks
     for path in (root / "train").glob("*.yaml"):
         load_train_config(path)
-    assert sorted(p.stem for p in (root / "model").glob("*.yaml")) == ["demo", "tiny", "tiny_vla"]
+    assert sorted(p.stem for p in (root / "model").glob("*.yaml")) == ["demo", "demo_vla", "tiny", "tiny_vla"]
     for path in (root / "model").glob("*.yaml"):
         keys = yaml.safe_load(path.read_text())
         config = model_class(keys.pop("model_type", None)).config_class(**keys)
