@@ -563,3 +563,33 @@ def test_logger_writes_jsonl_tensorboard_and_an_offline_wandb_run(tmp_path, monk
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["sr"] == 0.25
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_metrics_png_draws_each_curve_where_its_values_lie_and_keeps_earlier_updates_after_a_resume(tmp_path):
+    from PIL import Image
+
+    from streamvln.rl.plot import MARGIN, PANEL_H, PANEL_W
+    from streamvln.rl.train import Logger
+
+    blue = (31, 119, 180)
+    left, right, top, bottom = MARGIN, PANEL_W - 12, 24, PANEL_H - 28
+
+    def dot(image, x, y) -> bool:  # a curve point drawn within 3 px of (x, y)
+        return any(image.getpixel((x + dx, y + dy)) == blue for dx in range(-3, 4) for dy in range(-3, 4))
+
+    cfg = RLConfig(tensorboard=False)
+    logger = Logger(tmp_path, cfg)
+    for u, sr in ((1, 0.0), (2, 0.5)):
+        logger.write({"update": u, "sr": sr, "return": -sr, "oracle_rate": 0.3, "intervention_rate": 2.0})
+    logger.close()
+    logger = Logger(tmp_path, cfg)  # resumed: the picture still starts at update 1
+    logger.write({"update": 3, "sr": 1.0, "return": -1.0, "oracle_rate": 0.3, "intervention_rate": 2.0})
+    logger.close()
+    image = Image.open(tmp_path / "metrics.png").convert("RGB")
+    assert image.size == (2 * PANEL_W, 2 * PANEL_H)
+    # SR (top right panel) rises from the bottom left corner to the top right one; the return (top left) falls
+    assert dot(image, PANEL_W + left, bottom) and dot(image, PANEL_W + right, top)
+    assert not dot(image, PANEL_W + left, top)
+    assert dot(image, left, top) and dot(image, right, bottom) and not dot(image, left, bottom)
+    # a flat curve (the oracle rate, bottom left) runs through the middle of its panel
+    assert dot(image, (left + right) // 2, PANEL_H + (top + bottom) // 2)

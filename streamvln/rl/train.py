@@ -22,6 +22,7 @@ from streamvln.agent.rollout import rollout
 from streamvln.agent.streaming import AgentConfig, StreamingAgent
 
 from .config import RLConfig
+from .plot import plot_metrics, read_metrics
 from .policy import Member, RLPolicy
 from .update import EngineStep, TorchStep, update_policy
 
@@ -140,10 +141,15 @@ def resume(out: Path, model, optimizer, cfg: RLConfig, engine=None) -> int:
 
 
 class Logger:
-    """metrics.jsonl, TensorBoard and (optionally) Weights & Biases, offline unless WANDB_MODE says otherwise."""
+    """metrics.jsonl, its curves as metrics.png, TensorBoard and (optionally) Weights & Biases, offline unless
+    WANDB_MODE says otherwise."""
 
     def __init__(self, out: Path, cfg: RLConfig):
-        self.file = open(out / "metrics.jsonl", "a")
+        path = out / "metrics.jsonl"
+        # a resumed run may log an update again (it had logged past its last checkpoint): the newest row counts
+        self.rows = {r["update"]: r for r in (read_metrics(path) if path.exists() else []) if "update" in r}
+        self.png = out / "metrics.png"
+        self.file = open(path, "a")
         self.tb = self.wandb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -161,6 +167,8 @@ class Logger:
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows[row["update"]] = row
+        plot_metrics([self.rows[u] for u in sorted(self.rows)], self.png)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "update"}
         if self.tb:
             for k, v in scalars.items():
