@@ -275,7 +275,7 @@ demo-libero: install-libero tokenizer  ## LIBERO (extra): expert demos -> shards
 	$(call vla_run,runs/libero,libero_demo,libero_demo,$(LIBERO_EVAL))
 
 test: install tokenizer  ## run the test suite (installs what it needs; LIBERO's tests skip without the extra)
-	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q
+	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q --durations=25
 
 test-libero: install-libero tokenizer  ## LIBERO's tests, with the extra installed
 	STREAMVLN_TOKENIZER=$(TOKENIZER) $(PY) -m pytest -q tests/test_libero.py
