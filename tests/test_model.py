@@ -145,6 +145,37 @@ def test_pooling_modes():
     assert torch.allclose(pool_frames(x, "max", 2)[0, 0], grid[0, :2, :2].reshape(4, 8).max(0).values)
 
 
+def test_sincos_position_init_is_a_smooth_2d_table_and_a_checkpoint_keeps_its_own(tmp_path):
+    from streamvln.model.modeling import sincos_2d
+
+    def table(m):
+        return m.model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight.detach()
+
+    torch.manual_seed(0)
+    default = StreamVLNForCausalLM(tiny_config())
+    torch.manual_seed(0)
+    sincos = StreamVLNForCausalLM(tiny_config(vision_position_init="sincos"))
+    assert torch.equal(table(sincos), sincos_2d(4, 32)) and not torch.allclose(table(default), sincos_2d(4, 32))
+    # every other weight starts as without the option
+    same = {k: v for k, v in default.state_dict().items() if "position_embedding" not in k}
+    assert all(torch.equal(v, sincos.state_dict()[k]) for k, v in same.items())
+    # row-major like the patch grid: a patch is nearer its neighbours than the far corner, along rows and columns
+    t = sincos_2d(8, 64).view(8, 8, 64)
+    assert (t[0, 0] - t[0, 1]).norm() < (t[0, 0] - t[0, 7]).norm()
+    assert (t[0, 0] - t[1, 0]).norm() < (t[0, 0] - t[7, 0]).norm()
+    assert torch.equal(t[3, :, :32], t[3, 0, :32].expand(8, 32))  # the first half encodes the row only
+    # a saved model loads its trained table, not the initial one
+    with torch.no_grad():
+        table(sincos).add_(1.0)
+    sincos.save_pretrained(tmp_path)
+    again = StreamVLNForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    assert again.config.vision_position_init == "sincos" and torch.equal(table(again), table(sincos))
+    with pytest.raises(ValueError, match="vision_position_init"):
+        tiny_config(vision_position_init="learned")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 30)
+
+
 def test_save_and_load_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path)
     again = StreamVLNForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()

@@ -12,6 +12,8 @@ KNOWN_VISION_TOWERS = {
     },
 }
 POOL_MODES = ("bilinear", "average", "max")
+# how a vision tower built from scratch starts its position embedding (a loaded checkpoint keeps its own)
+POSITION_INITS = ("normal", "sincos")
 TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
 REFERENCE_POOL_STRIDE = 2  # the reference's get_2dPool pools with stride 2 whatever config.json says
 
@@ -62,7 +64,8 @@ class StreamVLNConfig(Qwen2Config):
                  mm_hidden_size: int | None = None, mm_vision_select_layer: int = -2,
                  mm_spatial_pool_mode: str = "bilinear", mm_spatial_pool_stride: int | None = REFERENCE_POOL_STRIDE,
                  mm_tunable_parts: str | None = ",".join(TUNABLE_PARTS), vision_config: dict | None = None,
-                 mm_patch_merge_type: str = "spatial_unpad", output_vocab: list[int] | None = None, **kwargs):
+                 mm_patch_merge_type: str = "spatial_unpad", output_vocab: list[int] | None = None,
+                 vision_position_init: str = "normal", **kwargs):
         self.mm_vision_tower = mm_vision_tower
         # Token ids the LM head may predict (an option for tiny models, off by default: the reference predicts
         # the whole vocabulary). Set by training with `output_vocab: labels`; inference masks the rest out.
@@ -79,6 +82,13 @@ class StreamVLNConfig(Qwen2Config):
         # LLaVA creates model.image_newline only when 'unpad' is in mm_patch_merge_type: the
         # LLaVA-Video release ("spatial_unpad") has the tensor, the reference's training ("flat") not.
         self.mm_patch_merge_type = mm_patch_merge_type
+        # An option for towers trained from scratch, off by default (SigLIP's N(0, 1/sqrt(width)), as the reference
+        # would get): "sincos" starts the patch positions as MAE's fixed 2D sin-cos table (still trained), so where
+        # a patch lies is a smooth, large signal from the first step rather than a random code the size of a fifth
+        # of the patch's content (docs/manip.md: what it changed on the tabletop).
+        if vision_position_init not in POSITION_INITS:
+            raise ValueError(f"vision_position_init must be one of {POSITION_INITS}, got {vision_position_init!r}")
+        self.vision_position_init = vision_position_init
         for key, (allowed, meaning) in CHECKED_KEYS.items():
             if key in kwargs and kwargs[key] not in allowed:
                 raise ValueError(f"config.json has {key}={kwargs[key]!r}: {meaning}, which this model does not "

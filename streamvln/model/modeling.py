@@ -70,6 +70,22 @@ def pool_frames(features: torch.Tensor, mode: str, stride: int) -> torch.Tensor:
     return grid.flatten(2).transpose(1, 2)
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """MAE's 2D sin-cos position table [side*side, dim], row-major like the patch grid: half the channels
+    encode the row, half the column, each as sin and cos at dim/4 frequencies (1 / 10000^(i / (dim/4)))."""
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos position table needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
 class VocabHead(nn.Linear):
     """The LM head (tied to the input embedding as configured), optionally restricted to an output vocabulary.
 
@@ -123,6 +139,10 @@ class StreamVLNForCausalLM(Qwen2PreTrainedModel):
         self.model = StreamVLNModel(config)
         self.lm_head = VocabHead(config.hidden_size, config.vocab_size, getattr(config, "output_vocab", None))
         self.post_init()
+        if getattr(config, "vision_position_init", "normal") == "sincos":  # a checkpoint's weights load over it
+            table = self.model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight
+            with torch.no_grad():
+                table.copy_(sincos_2d(math.isqrt(table.shape[0]), table.shape[1]).to(table))
 
     def set_output_vocab(self, ids: list[int] | None) -> None:
         """Restrict (or, with None, free) what the head predicts; kept in the config, so exports carry it."""
