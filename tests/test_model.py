@@ -319,3 +319,16 @@ def test_lora_adapts_only_the_language_model():
     assert any("vision_tower" in n for n in trainable) and any("mm_projector" in n for n in trainable)
     with torch.no_grad():
         assert torch.isfinite(lora(**hand_batch())["loss"])
+
+
+def test_a_model_yaml_with_an_unknown_key_is_refused(tmp_path):
+    import yaml
+
+    from streamvln.model.build import build_model
+
+    keys = yaml.safe_load(open("configs/model/demo_vla.yaml"))
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump({**keys, "vision_position_init": "sincos"}))
+    assert build_model(str(tmp_path / "ok.yaml"), None).config.vision_position_init == "sincos"
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**keys, "vision_postion_init": "sincos"}))
+    with pytest.raises(ValueError, match="unknown model config key.*vision_postion_init"):
+        build_model(str(tmp_path / "typo.yaml"), None)

@@ -44,6 +44,9 @@ def build_model(model_config: str | None, checkpoint: str | None, dtype=torch.fl
     keys = yaml.safe_load(Path(model_config).read_text())
     model_type = keys.pop("model_type", None)
     cls = model_class(model_type)
+    unknown = cls.config_class.unrecognised_keys(keys)
+    if unknown:  # a misspelt key would otherwise become an unused attribute and the model a default one
+        raise ValueError(f"{model_config}: unknown model config key(s) {', '.join(unknown)} (see docs/model.md)")
     config = cls.config_class(**keys, attn_implementation=attn_implementation)
     return cls(config).to(dtype)
 
