@@ -251,9 +251,12 @@ endef
 # the scripted expert's demonstrations with DART-style noise on its approaches (docs/manip.md), one-step CALVIN
 # shards, the demo VLA (configs/model/demo_vla.yaml), offline evaluation on held-out windows, then closed loop
 # on 50 held-out initial states beside the scripted expert (upper bound) and the zero action (baseline).
-# Independent of make demo. The higher rungs: make demo-manip-ladder.
+# The policy executes each predicted chunk of 5 whole (--execute chunk; RoboVLMs' default executes the first
+# action only): where the expert closes the gripper its last frames before closing look like the first frame
+# of the close, so at the block the first action is "open" in most demonstrations and a policy that follows
+# it waits there; the chunk's later actions carry the close (docs/manip.md). Independent of make demo.
 MANIP := data/manip
-MANIP_EVAL := --rung one-block --episodes 50 --max-steps 150 --num-envs 4
+MANIP_EVAL := --rung one-block --episodes 50 --max-steps 150 --num-envs 4 --execute chunk
 demo-manip: tokenizer  ## manipulation: one-block demos (pybullet) -> CALVIN shards -> the tiny VLA -> offline and closed loop
 	$(BIN)/streamvln-manip synth --out $(MANIP) --rung one-block --episodes 300 --val-episodes 20 --action-noise 0.3 \
 		--workers 2
