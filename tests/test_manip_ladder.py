@@ -96,3 +96,32 @@ def test_action_noise_moves_the_arm_off_the_label_only_while_the_gripper_is_open
     noisy, open_ = offsets[0.5]
     assert clean.max() < 1e-5  # no noise: the label is what was executed
     assert noisy[open_].mean() > 0.003 and noisy[~open_].max() < 1e-5  # noise on approaches only
+
+
+def test_manip_table_counts_each_policys_episodes_and_pairs_the_vla_with_the_zero_action(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "manip"
+    results = {"closed_loop": [1, 1, 1, 0], "closed_loop_expert": [1, 1, 1, 1], "closed_loop_zero": [0, 0, 0, 1]}
+    for folder, done in results.items():
+        (run / folder).mkdir(parents=True)
+        (run / folder / "eval_config.json").write_text(json.dumps({"rung": "one-block", "execute": "chunk",
+                                                                   "env": {"sim": "tabletop"}}))
+        (run / folder / "tasks.jsonl").write_text("".join(
+            json.dumps({"chain": i, "seed": 10 + i, "tasks": ["lift_red_block"], "completed": d, "steps": [70] * d}) + "\n"
+            for i, d in enumerate(done)))
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- manip-table:start -->\nold\n<!-- manip-table:end -->\nafter\n")
+    out = subprocess.run([sys.executable, "tools/manip_table", str(run), "--readme", str(readme)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[3].strip(): line for line in out.stdout.splitlines()[2:]}
+    assert "0.750 (3/4)" in rows["demo VLA"] and "VLA only 3, zero only 1: p = 0.62" in rows["demo VLA"]
+    assert "1.000 (4/4)" in rows["scripted expert (upper bound)"] and "0.250 (1/4)" in rows["zero action (baseline)"]
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and "(3/4)" in text
+    # episodes that differ between the VLA and the zero action cannot be paired
+    (run / "closed_loop_zero" / "tasks.jsonl").write_text(json.dumps({"chain": 9, "completed": 0}) + "\n")
+    out = subprocess.run([sys.executable, "tools/manip_table", str(run)], capture_output=True, text=True)
+    assert out.returncode != 0 and "different episodes" in out.stderr
