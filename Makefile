@@ -24,7 +24,7 @@ DAGGER_RUN := --episodes $(SIM)/episodes/train.json.gz --gt-annotations $(SIM)/t
 	--config configs/dagger/reference.yaml --every 6 --num-envs 4 --width 224 --height 168
 FIRST_KEY = $$($(PY) -c "import pyarrow.parquet as pq; print(pq.read_table('shards/$(1)/index.parquet').column('key')[0])")
 
-.PHONY: help install install-libero tokenizer demo-data sim-data ladder-data ladder-shards ladder-grounding shards dagger demo demo-cotrain demo-dagger demo-rl demo-manip demo-libero test test-libero bench gpu-check gpu-wheels clean
+.PHONY: help install install-libero tokenizer demo-data sim-data ladder-data ladder-shards ladder-grounding shards dagger demo demo-cotrain demo-dagger demo-rl demo-manip demo-manip-ladder demo-libero test test-libero bench gpu-check gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -265,6 +265,19 @@ demo-manip: tokenizer  ## manipulation: one-block demos (pybullet) -> CALVIN sha
 	tools/peek shards/manip --verify
 	tools/peek shards/manip --tokenizer $(TOKENIZER) --no-color --sample $(call FIRST_KEY,manip) --sheet shards/peek-manip.png
 	$(call vla_run,runs/manip,manip_demo,manip_demo,$(MANIP_EVAL))
+	tools/manip_table runs/manip
+
+# The ladder's second rung (three blocks; lift the one the instruction names) with demo-manip's recipe unchanged:
+# its own demonstrations and shards, the same model and training, closed loop on 17 held-out states per colour.
+MANIP_NAMED := data/manip_named
+MANIP_NAMED_EVAL := --rung named-block --episodes 17 --max-steps 150 --num-envs 4 --execute chunk
+demo-manip-ladder: tokenizer  ## manipulation, the named-block rung: demos -> shards -> the demo VLA -> closed loop
+	$(BIN)/streamvln-manip synth --out $(MANIP_NAMED) --rung named-block --episodes 300 --val-episodes 20 \
+		--action-noise 0.3 --workers 2
+	$(call calvin_shards,$(MANIP_NAMED),shards/named,calvin_ladder)
+	tools/peek shards/named/manip --verify
+	$(call vla_run,runs/manip_named,manip_named,manip_demo,$(MANIP_NAMED_EVAL))
+	tools/manip_table runs/manip_named
 
 # LIBERO (optional extra): the scripted expert's demonstrations of libero_object's 10 official tasks (seeded
 # placements), shards, the tiny VLA, then closed loop on LIBERO's official initial states and success
@@ -318,4 +331,4 @@ gpu-wheels: | $(VENV)/.installed  ## .whl/: the wheels gpu-check needs on the de
 
 clean:  ## remove generated data, shards and the demo run (keeps .venv and build/)
 	rm -rf $(LADDER) shards/ladder $(DEMO) $(SIM) data/dagger_data data/dagger_data_relabel shards/nav shards/videoqa shards/scanqa shards/mmc4 \
-		shards/peek-*.png runs/demo runs/demo_stage2 $(MANIP) shards/manip runs/manip $(LIBERO) shards/libero runs/libero runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control
+		shards/peek-*.png runs/demo runs/demo_stage2 $(MANIP) shards/manip runs/manip $(MANIP_NAMED) shards/named runs/manip_named $(LIBERO) shards/libero runs/libero runs/demo_dagger runs/demo_dagger_relabel runs/demo_dagger_control
