@@ -17,7 +17,7 @@ PANEL_W, PANEL_H, MARGIN = 360, 220, 44
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's rows; a last line cut short by a kill is skipped (the run rewrites it on resume)."""
+    """metrics.jsonl's rows; a line cut short by a kill is skipped (the run logs that update again on resume)."""
     rows = []
     for line in Path(path).read_text().splitlines():
         try:
