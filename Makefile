@@ -208,26 +208,35 @@ demo-dagger: ladder-shards $(ROOM_HELDOUT)  ## after make demo: DAgger's effect 
 	$(BIN)/streamvln-nav-eval compare runs/demo_dagger_control/room200 runs/demo_dagger_relabel/room200
 	$(BIN)/streamvln-nav-eval compare runs/demo/room200 runs/demo_dagger_control/room200
 
-# After make demo: the GRPO + SFT hybrid stage on the stage-1 model (configs/rl/demo.yaml) and, as the fair
-# control, supervised training continued from the same model on the same data for the same wall-clock time;
-# both in closed loop on the held-out scenes, beside stage 1.
-RL_RUN := --episodes $(SIM)/episodes/train.json.gz --config configs/rl/demo.yaml --width 224 --height 168
-demo-rl: | $(VENV)/.installed  ## the RL stage vs continued supervised training for the same time, closed loop before/after
+# After make demo: the GRPO + SFT hybrid stage on the room rung (configs/rl/demo.yaml), where the stage-1 model's
+# SR is between 0.2 and 0.8: phase1_stop with the stall option (docs/rl.md, "Spinning"), phase2_progress with it,
+# and phase1_stop as the guide has it (no stall option), each from the stage-1 model on the room rung's training
+# episodes. The fair control continues supervised training from the same model on the same walks for as long
+# as the longest RL run took. All drive the 200 held-out room episodes of make demo-dagger; `compare` pairs each
+# RL model with the control on the same episodes.
+RL_RUN := --checkpoint runs/demo/final --episodes $(LADDER)/room/train.json.gz --config configs/rl/demo.yaml \
+	--width 224 --height 168
+RL_RUNS := demo_rl demo_rl_progress demo_rl_guide
+demo-rl: ladder-shards $(ROOM_HELDOUT)  ## after make demo: the RL stage (both phases, with and without the stall fix) vs the same time of supervised training, paired in closed loop
 	@test -d runs/demo/final || { echo "no runs/demo/final: run make demo first"; exit 2; }
-	rm -rf runs/demo_rl runs/demo_rl_control
-	$(BIN)/streamvln-rl --checkpoint runs/demo/final $(RL_RUN) --output-dir runs/demo_rl
-	$(BIN)/streamvln-train --shards configs/data/demo_r2r.yaml --config configs/train/demo_rl_control.yaml \
-		--max-steps $$(tools/same_time_steps runs/demo_rl runs/demo) --output-dir runs/demo_rl_control
-	test -f runs/demo/nav_eval/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(NAV_EVAL) --output runs/demo/nav_eval
-	for r in demo_rl demo_rl_control; do $(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(NAV_EVAL) --output runs/$$r/nav_eval || exit 1; done
-	@echo "closed loop on val_unseen: stage 1, after the RL stage, after the same time of supervised training:"
-	@for r in demo demo_rl demo_rl_control; do $(PY) -c "import json,sys; s=json.load(open(sys.argv[1]))['val_unseen']; \
-		print(f\"  {sys.argv[2]:<18} SR {s['success']:.3f}  SPL {s['spl']:.3f}  nDTW {s['ndtw']:.3f}  NE {s['navigation_error']:.2f}  OS {s['oracle_success']:.3f}  collisions {s['collisions']:.1f}\")" \
-		runs/$$r/nav_eval/summary.json $$r || exit 1; done
-	@$(PY) -c "import json; rows=[json.loads(l) for l in open('runs/demo_rl/metrics.jsonl')]; k=max(1,len(rows)//5); \
+	rm -rf $(addprefix runs/,$(RL_RUNS)) runs/demo_rl_control
+	$(BIN)/streamvln-rl $(RL_RUN) --output-dir runs/demo_rl
+	$(BIN)/streamvln-rl $(RL_RUN) --phase phase2_progress --output-dir runs/demo_rl_progress
+	$(BIN)/streamvln-rl $(RL_RUN) --set stall_patience=0 --set stall_penalty=0 --output-dir runs/demo_rl_guide
+	$(BIN)/streamvln-train --shards configs/data/demo.yaml --config configs/train/demo_rl_control.yaml \
+		--max-steps $$(tools/same_time_steps $(addprefix runs/,$(RL_RUNS)) runs/demo) --output-dir runs/demo_rl_control
+	test -f runs/demo/room200/summary.json || $(BIN)/streamvln-nav-eval --checkpoint runs/demo/final $(DAGGER_EVAL) \
+		--output runs/demo/room200
+	for r in $(RL_RUNS) demo_rl_control; do $(BIN)/streamvln-nav-eval --checkpoint runs/$$r/final $(DAGGER_EVAL) \
+		--output runs/$$r/room200 || exit 1; done
+	@echo "paired on the 200 held-out room episodes: each RL model - the control (supervised, the same time or more):"
+	for r in $(RL_RUNS); do $(BIN)/streamvln-nav-eval compare runs/demo_rl_control/room200 runs/$$r/room200 || exit 1; done
+	$(BIN)/streamvln-nav-eval compare runs/demo/room200 runs/demo_rl_control/room200
+	@for r in $(RL_RUNS); do $(PY) -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; k=max(1,len(rows)//5); \
 		f=lambda rs,m: sum(r[m] for r in rs)/len(rs); \
-		print('RL training rollouts, first and last fifth of the updates:'); \
-		[print(f'  {n:<6} SR {f(rs,\"sr\"):.3f}  SPL {f(rs,\"spl\"):.3f}  oracle rate {f(rs,\"oracle_rate\"):.3f}  interventions/rollout {f(rs,\"intervention_rate\"):.2f}  return {f(rs,\"return\"):+.2f}') for n,rs in (('first',rows[:k]),('last',rows[-k:]))]"
+		print(f'{sys.argv[2]}: training rollouts, first and last fifth of the updates:'); \
+		[print(f'  {n:<6} SR {f(rs,\"sr\"):.3f}  SPL {f(rs,\"spl\"):.3f}  oracle rate {f(rs,\"oracle_rate\"):.3f}  interventions/rollout {f(rs,\"intervention_rate\"):.2f}  return {f(rs,\"return\"):+.2f}  length {f(rs,\"episode_length\"):.1f}') for n,rs in (('first',rows[:k]),('last',rows[-k:]))]" \
+		runs/$$r/metrics.jsonl $$r || exit 1; done
 
 # A CALVIN-format folder's training and validation splits to shards: $(call calvin_shards,DATA,OUT,SHARD_CONFIG)
 define calvin_shards

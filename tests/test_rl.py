@@ -13,7 +13,7 @@ from streamvln.rl.config import RLConfig, load_rl_config
 from streamvln.rl.intervention import Intervention
 from streamvln.rl.objective import clipped_policy_loss, group_advantages, sft_weight
 from streamvln.rl.rewards import reference_length, step_reward, terminal_reward
-from streamvln.sim.base import FORWARD, LEFT, STOP, SimConfig
+from streamvln.sim.base import FORWARD, LEFT, RIGHT, STOP, SimConfig
 from streamvln.sim.miniworld_sim import MiniWorldSim
 
 EAST, WEST = -math.pi / 2, math.pi / 2  # headings facing +x and -x
@@ -550,6 +550,49 @@ def test_disabled_recovery_means_no_intervention_at_all(sim):
     assert walk(sim, iv, cfg, lambda s: LEFT, 5) == (["policy"] * 5, "running")  # no forced STOP either
 
 
+def test_the_stall_option_ends_a_spinning_policys_episode_as_a_charged_failure(world, tmp_path):
+    """Why spinning paid (docs/rl.md): turning in place near the start is never off the path, so nothing takes
+    over, and it costs 0.05 a step. With stall_patience, its episode ends as a failure charged stall_penalty."""
+    from pipeline.qwen_tokenizer import load_tokenizer
+    from streamvln.agent.rollout import rollout
+    from streamvln.model.build import build_model
+    from streamvln.rl.policy import Member, RLPolicy
+    from streamvln.rl.train import load_policy_model
+
+    root, eps = world
+    model = build_model(None, str(root / "ckpt"))
+    with torch.no_grad():  # a spinner: the final norm keeps one unit, whose sign picks ← or →
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[ARROWS[1], 0], model.lm_head.weight[ARROWS[2], 0] = 1e3, -1e3
+    model.save_pretrained(tmp_path / "spinner")
+    load_tokenizer(str(root / "ckpt")).save_pretrained(tmp_path / "spinner")
+    runs = {}
+    for patience, penalty in ((0, 0.0), (6, 2.0)):
+        cfg = rl_cfg(stall_patience=patience, stall_penalty=penalty)
+        agent = load_policy_model(str(tmp_path / "spinner"), cfg)
+        sims = [MiniWorldSim(SimConfig(width=32, height=24)) for _ in range(2)]
+        try:
+            runs[patience] = [r.info for r in rollout(sims, RLPolicy(agent, sims, cfg),
+                                                      [Member(eps[0], m, 0, cfg.seed) for m in range(2)])]
+        finally:
+            for s in sims:
+                s.close()
+    guide, stalled = runs[0], runs[6]
+    assert all(s.source == "policy" and s.action in (LEFT, RIGHT) for t in guide + stalled for s in t["steps"])
+    d = guide[0]["metrics"]["distance_to_goal"]
+    for t in guide:  # the guide's: no intervention; the step limit at the start, 0.05 a turn
+        assert t["outcome"] == "step_limit" and len(t["steps"]) == 24 and t["interventions"] == 0
+        assert t["return"] == pytest.approx(23 * -0.05 - d / 6)
+    for t in stalled:  # 6 turns without coming closer: a failure, charged
+        assert t["outcome"] == "stalled" and len(t["steps"]) == 6 and t["interventions"] == 1
+        assert t["metrics"]["distance_to_goal"] == pytest.approx(d)
+        assert t["return"] == pytest.approx(5 * -0.05 - d / 6 - 2.0)
+    with pytest.raises(ConfigError, match="stall_penalty needs stall_patience"):
+        RLConfig(stall_penalty=1.0).validate()
+
+
 def test_logger_writes_jsonl_tensorboard_and_an_offline_wandb_run(tmp_path, monkeypatch):
     import json
 
@@ -593,3 +636,33 @@ def test_metrics_png_draws_each_curve_where_its_values_lie_and_keeps_earlier_upd
     assert dot(image, left, top) and dot(image, right, bottom) and not dot(image, left, bottom)
     # a flat curve (the oracle rate, bottom left) runs through the middle of its panel
     assert dot(image, (left + right) // 2, PANEL_H + (top + bottom) // 2)
+
+
+def test_same_time_steps_gives_the_control_the_longest_rl_runs_time(tmp_path):
+    """make demo-rl's one control serves several RL runs: never less time than any of them had."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for name, seconds in (("a", [(10.0, 5.0), (20.0, 5.0)]), ("b", [(30.0, 30.0)])):  # 40 s and 60 s
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"update": k + 1, "rollout_time": r, "update_time": u}) + "\n" for k, (r, u) in enumerate(seconds)))
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "run_config.json").write_text(json.dumps({"mix": {"batch_size": 8}, "train": {"grad_accum": 1}}))
+    (sft / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 100, "samples_per_s": 60.0}, {"step": 200, "samples_per_s": 100.0}, {"eval": 1, "samples_per_s": 1.0})))
+    root = Path(__file__).resolve().parent.parent
+
+    def steps(*runs):
+        out = subprocess.run([sys.executable, str(root / "tools/same_time_steps"), *map(str, runs)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    assert steps(tmp_path / "a", sft) == 400  # 40 s at 80 samples/s / 8 a step = 10 steps/s
+    assert steps(tmp_path / "a", tmp_path / "b", sft) == 600
+    bad = subprocess.run([sys.executable, str(root / "tools/same_time_steps"), str(sft)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "usage" in bad.stderr

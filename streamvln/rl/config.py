@@ -56,6 +56,12 @@ class RLConfig:
     goal_radius: float = 3.0
     goal_grace_steps: int = 7
     goal_stop_patience: int = 5  # 0: no forced STOP in the goal zone
+    # beyond the guide (docs/rl.md, "Spinning"): this many consecutive policy steps outside the goal zone
+    # without a new closest approach to the goal end the episode as a failure, charged stall_penalty more
+    # than the terminal reward; 0: off, the guide's (a policy turning in place near its start is never
+    # taken over and pays only the turn cost, so spinning out the step limit can beat trying to walk)
+    stall_patience: int = 0
+    stall_penalty: float = 0.0
     # ---- optimisation
     num_updates: int = 500
     num_episodes_per_update: int = 1
@@ -104,6 +110,10 @@ class RLConfig:
             raise ConfigError("group_size 1 needs advantage_std_floor > 0 (its advantages are 0 / std = 0 / 0)")
         if self.temperature <= 0:
             raise ConfigError("temperature must be positive")
+        if self.stall_patience < 0 or self.stall_penalty < 0:
+            raise ConfigError("stall_patience and stall_penalty must be >= 0 (0: off)")
+        if self.stall_penalty > 0 and self.stall_patience == 0:
+            raise ConfigError("stall_penalty needs stall_patience > 0: without it no episode ever stalls")
         if self.waypoint_radius >= self.offtrack_dist_thresh:
             raise ConfigError("waypoint_radius must be well below offtrack_dist_thresh (B7)")
 

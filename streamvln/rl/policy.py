@@ -4,7 +4,8 @@
 is a `Member`: one of a group's G rollouts of the same episode with its own instruction (B1):
 member 0 decides greedily, the others sample at the configured temperature from their own seeded
 generator. Per step, before the action, the intervention (intervention.py) says who acts; the
-policy's choices are reviewed (premature or lingering STOP); rewards come from rewards.py.
+policy's choices are reviewed (premature or lingering STOP); with the stall option, a policy that
+comes no closer to the goal for stall_patience steps ends its episode; rewards come from rewards.py.
 
 Recorded per episode (`episode_info`): the steps (source, action, the expert's label in that state,
 reward), the decisions with their exact context and tokens and the behaviour log-probability (B2,
@@ -74,6 +75,8 @@ class EnvRun:
     oracle: Decision | None = None  # the expert chunk being filled
     outcome: str | None = None
     conj: random.Random = field(default_factory=random.Random)
+    closest: float = float("inf")  # the closest approach to the goal so far (the stall option)
+    stalled: int = 0  # consecutive policy steps outside the goal zone without a new closest approach
 
 
 class RLPolicy:
@@ -88,8 +91,19 @@ class RLPolicy:
         greedy = member.member == 0
         self.agent.reset(i, member.key, ep.instruction_text, temperature=None if greedy else self.cfg.temperature,
                          sample_seed=member.sample_seed())
-        self.runs[i] = EnvRun(member, Intervention(self.cfg, ep), d_prev=self.sims[i].metrics()["distance_to_goal"],
-                              conj=random.Random(member.sample_seed()))
+        d = self.sims[i].metrics()["distance_to_goal"]
+        self.runs[i] = EnvRun(member, Intervention(self.cfg, ep), d_prev=d, conj=random.Random(member.sample_seed()),
+                              closest=d)
+
+    def _stall(self, run: EnvRun, d: float) -> bool:
+        """The stall option: counts the policy's steps that came no closer to the goal than ever before."""
+        policy_step = run.steps[-1].source == "policy"
+        if d < run.closest - 1e-6 or d <= self.cfg.goal_radius or not policy_step:
+            run.stalled = 0
+        else:
+            run.stalled += 1
+        run.closest = min(run.closest, d)
+        return 0 < self.cfg.stall_patience <= run.stalled
 
     def act(self, observations, active):
         out, model, expert = {}, [], []
@@ -98,7 +112,12 @@ class RLPolicy:
             d = sim.metrics()["distance_to_goal"]
             if run.steps:  # the previous step's reward, now that its outcome is known
                 run.steps[-1].reward = step_reward(self.cfg, run.d_prev, d, obs.collided)
+                if self._stall(run, d):
+                    run.outcome = "stalled"
             run.d_prev = d
+            if run.outcome == "stalled":
+                out[i] = None
+                continue
             if len(run.steps) >= self.cfg.max_steps_per_episode:
                 run.outcome = "step_limit"
                 out[i] = None
@@ -163,7 +182,8 @@ class RLPolicy:
                 "forced_stop" if last is not None and last.source == "forced" else "step_limit")
         success = run.outcome == "stop" and metrics["success"] == 1.0
         terminal = terminal_reward(self.cfg, metrics["distance_to_goal"], success, metrics["path_length"],
-                                   reference_length(run.member.episode))
+                                   reference_length(run.member.episode),
+                                   self.cfg.stall_penalty if run.outcome == "stalled" else 0.0)
         if run.steps:
             # the last step's own reward is replaced by the terminal one (the guide's terminal step)
             run.steps[-1].reward = terminal
@@ -178,5 +198,5 @@ class RLPolicy:
             "return": sum(s.reward for s in run.steps) if run.steps else terminal,
             "success": float(success), "spl": metrics["spl"] if success else 0.0,
             "metrics": metrics, "expert_steps": expert_steps,
-            "interventions": run.intervention.recoveries + (run.outcome in ("premature_stop", "forced_stop")),
+            "interventions": run.intervention.recoveries + (run.outcome in ("premature_stop", "forced_stop", "stalled")),
         }

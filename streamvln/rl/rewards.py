@@ -8,7 +8,8 @@ turn), minus the collision penalty. Terminal step of either phase (STOP executed
 or an intervention ending the episode): -d / terminal_distance_scale, plus on success
 success_reward + spl_reward x L_ref / max(L_ref, L_agent) with the agent's real path length (B11),
 clipped to +-reward_clip. An intervention-ended episode is a failure: it gets the terminal reward
-without the success terms (B9).
+without the success terms (B9). A stalled episode (the stall option, beyond the guide) is a failure
+charged stall_penalty on top.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def step_reward(cfg: RLConfig, d_prev: float, d_new: float, collided: bool) -> f
     return reward - (cfg.collision_penalty if collided else 0.0)
 
 
-def terminal_reward(cfg: RLConfig, d_final: float, success: bool, agent_length: float, ref_length: float) -> float:
-    reward = -d_final / cfg.terminal_distance_scale
+def terminal_reward(cfg: RLConfig, d_final: float, success: bool, agent_length: float, ref_length: float,
+                    penalty: float = 0.0) -> float:
+    reward = -d_final / cfg.terminal_distance_scale - penalty
     if success:
         reward += cfg.success_reward + cfg.spl_reward * ref_length / max(ref_length, agent_length, 1e-6)
     return max(-cfg.reward_clip, min(cfg.reward_clip, reward))
