@@ -218,8 +218,8 @@ def world(tmp_path_factory, tokenizer_dir):
                                            .read_text()))
     StreamVLNForCausalLM(cfg).save_pretrained(root / "ckpt")
     load_tokenizer(tokenizer_dir).save_pretrained(root / "ckpt")
-    eps, _ = generate_episodes(EpisodeGenConfig(split="train", scenes=2, per_scene=2, seed=3, r2r_per_path=1,
-                                                rxr_per_path=0))
+    # room-rung episodes: walks of 10-40 steps instead of R2R's 30-150 keep each of the collections below short
+    eps, _ = generate_episodes(EpisodeGenConfig(split="train", tier="room", scenes=2, per_scene=2, seed=3))
     write_episodes(root / "train.json.gz", eps)
     return root, eps
 
