@@ -94,3 +94,29 @@ def test_map_caption_carries_instruction_outcome_and_metrics():
     assert numbers.startswith("FAILED: stopped outside the 1 m goal radius. NE 1.73 m") and "nDTW 0.41" in numbers
     assert map_caption(ep, {**m, "stopped": 0.0})[1].startswith("FAILED: step limit reached without STOP")
     assert map_caption(ep, {**m, "success": 1.0})[1].startswith("SUCCESS")
+
+
+def test_paired_table_pairs_every_run_with_the_base_and_writes_between_the_markers(tmp_path):
+    import subprocess
+    import sys
+
+    control = write_run(tmp_path / "control", rows([0] * 20, [0.0] * 20), errors=1)
+    better = write_run(tmp_path / "better", rows([1] * 12 + [0] * 8, [0.8] * 12 + [0.0] * 8))
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- rl-table:start -->\nold\n<!-- rl-table:end -->\nafter\n")
+    out = subprocess.run([sys.executable, "tools/paired_table", f"{control}=control", f"{better}=RL",
+                          "--readme", str(readme), "--name", "rl-table"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    head, base, rl = out.stdout.splitlines()[0], out.stdout.splitlines()[2], out.stdout.splitlines()[3]
+    assert "SR - control" in head and base.startswith("| control | 20 | 0.000 [0.00, 0.16] |")
+    assert rl.startswith("| RL | 20 | 0.600 [") and "+0.600 [" in rl and f"0, 12, p = {2 / 2**12:.2g} |" in rl
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and "| RL | 20 |" in text
+    # runs that share no episodes cannot be paired; a README without the named markers is refused
+    apart = write_run(tmp_path / "apart", rows([1], [1.0], start=50))
+    out = subprocess.run([sys.executable, "tools/paired_table", f"{control}=control", f"{apart}=RL"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "share no episodes" in out.stderr
+    out = subprocess.run([sys.executable, "tools/paired_table", f"{control}=control", f"{better}=RL",
+                          "--readme", str(readme), "--name", "dagger-table"], capture_output=True, text=True)
+    assert out.returncode != 0 and "no <!-- dagger-table:start -->" in out.stderr
