@@ -609,6 +609,8 @@ def test_logger_writes_jsonl_tensorboard_and_an_offline_wandb_run(tmp_path, monk
 
 
 def test_metrics_png_draws_each_curve_where_its_values_lie_and_keeps_earlier_updates_after_a_resume(tmp_path):
+    import json
+
     from PIL import Image
 
     from streamvln.rl.plot import MARGIN, PANEL_H, PANEL_W
@@ -625,9 +627,11 @@ def test_metrics_png_draws_each_curve_where_its_values_lie_and_keeps_earlier_upd
     for u, sr in ((1, 0.0), (2, 0.5)):
         logger.write({"update": u, "sr": sr, "return": -sr, "oracle_rate": 0.3, "intervention_rate": 2.0})
     logger.close()
-    logger = Logger(tmp_path, cfg)  # resumed: the picture still starts at update 1
+    (tmp_path / "metrics.jsonl").open("a").write(json.dumps({"update": 3, "sr": 0.0}) + "\n")  # logged, then cut off
+    logger = Logger(tmp_path, cfg, start=2)  # resumed from update 2: the picture still starts at update 1
     logger.write({"update": 3, "sr": 1.0, "return": -1.0, "oracle_rate": 0.3, "intervention_rate": 2.0})
     logger.close()
+    assert [json.loads(x)["sr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.0, 0.5, 1.0]
     image = Image.open(tmp_path / "metrics.png").convert("RGB")
     assert image.size == (2 * PANEL_W, 2 * PANEL_H)
     # SR (top right panel) rises from the bottom left corner to the top right one; the return (top left) falls
@@ -636,6 +640,12 @@ def test_metrics_png_draws_each_curve_where_its_values_lie_and_keeps_earlier_upd
     assert dot(image, left, top) and dot(image, right, bottom) and not dot(image, left, bottom)
     # a flat curve (the oracle rate, bottom left) runs through the middle of its panel
     assert dot(image, (left + right) // 2, PANEL_H + (top + bottom) // 2)
+    # a fresh run in the same folder starts its log and its picture anew
+    logger = Logger(tmp_path, cfg)
+    logger.write({"update": 1, "sr": 1.0, "return": -1.0, "oracle_rate": 0.3, "intervention_rate": 2.0})
+    logger.close()
+    assert [json.loads(x)["sr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1.0]
+    assert not dot(Image.open(tmp_path / "metrics.png").convert("RGB"), PANEL_W + left, bottom)
 
 
 def test_same_time_steps_gives_the_control_the_longest_rl_runs_time(tmp_path):

@@ -144,10 +144,15 @@ class Logger:
     """metrics.jsonl, its curves as metrics.png, TensorBoard and (optionally) Weights & Biases, offline unless
     WANDB_MODE says otherwise."""
 
-    def __init__(self, out: Path, cfg: RLConfig):
+    def __init__(self, out: Path, cfg: RLConfig, start: int = 0):
         path = out / "metrics.jsonl"
-        # a resumed run may log an update again (it had logged past its last checkpoint): the newest row counts
-        self.rows = {r["update"]: r for r in (read_metrics(path) if path.exists() else []) if "update" in r}
+        # Only the updates before `start` (the checkpoint resumed from; 0 for a fresh run) stand: rows past it were
+        # logged by a run that was cut off, or by an earlier run in this folder, and will be logged again.
+        old = read_metrics(path) if path.exists() else []
+        self.rows = {r["update"]: r for r in old if 0 < r.get("update", 0) <= start}
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(self.rows[u]) + "\n" for u in sorted(self.rows)))
+        tmp.replace(path)
         self.png = out / "metrics.png"
         self.file = open(path, "a")
         self.tb = self.wandb = None
@@ -244,7 +249,7 @@ def train_rl(cfg: RLConfig, checkpoint: str, episodes: list, out: Path, sims, do
     if not do_resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or another --output-dir")
     policy = RLPolicy(agent, sims, cfg)
-    logger = Logger(out, cfg) if rank == 0 else None
+    logger = Logger(out, cfg, start) if rank == 0 else None
     row = {}
     # ------------------------------------------------------------ loop
     for u in range(start, cfg.num_updates):
