@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass
@@ -13,6 +14,11 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+# PyYAML follows YAML 1.1, which reads an exponent without a dot (1e-5, 3E4) as a string; YAML 1.2 and every
+# user mean a number. Only a float field takes such a string, and only when it is exactly a decimal literal.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check_type(name: str, value, hint):
@@ -38,6 +44,8 @@ def _check_type(name: str, value, hint):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return from_dict(hint, value, prefix=f"{name}.")
     if hint is float and type(value) is int:
+        return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value):
         return float(value)
     # bool is a subclass of int in Python, but `num_frames: true` is a mistake, not 1
     ok = type(value) is bool if hint is bool else isinstance(value, hint) and type(value) is not bool

@@ -85,6 +85,17 @@ def test_config_loading_is_strict(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load_config(NavShardConfig, path)
     assert "num_frames: 32" in dump_config(NavShardConfig())
+    # YAML 1.1 reads 1e-5 (no dot) as a string: a float field takes it as the number it means, nothing else does
+    from streamvln.config import TrainConfig
+
+    path.write_text("checkpoint: runs/a\nlr: 1e-5\nweight_decay: -2E+1\n")
+    cfg = load_config(TrainConfig, path)
+    assert (cfg.lr, cfg.weight_decay) == (1e-5, -20.0)
+    for text, message in [("lr: 'fast'\n", "expected float"), ("lr: '1e-5x'\n", "expected float"),
+                          ("max_steps: 1e3\n", "is not int")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(TrainConfig, path)
 
 
 def test_every_shipped_config_loads_strictly():
