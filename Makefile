@@ -232,9 +232,9 @@ demo-rl: ladder-shards $(ROOM_HELDOUT)  ## after make demo: the RL stage (both p
 	@echo "paired on the 200 held-out room episodes: each RL model - the control (supervised, the same time or more):"
 	for r in $(RL_RUNS); do $(BIN)/streamvln-nav-eval compare runs/demo_rl_control/room200 runs/$$r/room200 || exit 1; done
 	$(BIN)/streamvln-nav-eval compare runs/demo/room200 runs/demo_rl_control/room200
-	tools/paired_table runs/demo_rl_control/room200="control (supervised, same time)" runs/demo/room200="stage 1 (before)" \
+	tools/paired_table runs/demo_rl_control/room200="control: supervised, same time" runs/demo/room200="stage 1 (before)" \
 		runs/demo_rl/room200="RL phase1_stop + stall" runs/demo_rl_progress/room200="RL phase2_progress + stall" \
-		runs/demo_rl_guide/room200="RL phase1_stop (guide)"
+		runs/demo_rl_guide/room200="RL phase1_stop (the guide's)"
 	@for r in $(RL_RUNS); do $(PY) -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; k=max(1,len(rows)//5); \
 		f=lambda rs,m: sum(r[m] for r in rs)/len(rs); \
 		print(f'{sys.argv[2]}: training rollouts, first and last fifth of the updates:'); \

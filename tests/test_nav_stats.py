@@ -108,7 +108,7 @@ def test_paired_table_pairs_every_run_with_the_base_and_writes_between_the_marke
                           "--readme", str(readme), "--name", "rl-table"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     head, base, rl = out.stdout.splitlines()[0], out.stdout.splitlines()[2], out.stdout.splitlines()[3]
-    assert "SR - control" in head and base.startswith("| control | 20 | 0.000 [0.00, 0.16] |")
+    assert "SR - first row" in head and base.startswith("| control | 20 | 0.000 [0.00, 0.16] |")
     assert rl.startswith("| RL | 20 | 0.600 [") and "+0.600 [" in rl and f"0, 12, p = {2 / 2**12:.2g} |" in rl
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and "| RL | 20 |" in text
