@@ -205,7 +205,8 @@ def write_summary(output: Path, episodes, episodes_path, policy: str, options: d
     return summary
 
 
-def _finished_rows(run: Path) -> dict[str, dict]:
+def finished_rows(run: Path) -> dict[str, dict]:
+    """A finished evaluation's episodes that ran (not refused by the simulator), by scene and episode id."""
     path = run / "result.jsonl"
     if not path.exists():
         raise click.ClickException(f"{run}: no result.jsonl (not a finished streamvln-nav-eval output folder)")
@@ -214,7 +215,7 @@ def _finished_rows(run: Path) -> dict[str, dict]:
 
 def compare_runs(run_a: Path, run_b: Path) -> dict:
     """Paired differences (b - a) on the episodes both runs finished; refuses runs that share none."""
-    a, b = _finished_rows(run_a), _finished_rows(run_b)
+    a, b = finished_rows(run_a), finished_rows(run_b)
     shared = [k for k in a if k in b]
     if not shared:
         raise click.ClickException(f"{run_a} and {run_b} share no episodes: a paired comparison needs the same "
