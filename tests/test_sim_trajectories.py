@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -156,3 +157,39 @@ def test_a_second_run_in_the_same_process_uses_its_own_camera(episodes_file, tmp
     for run, size in (("a", (16, 12)), ("b", (48, 36))):
         video = json.loads((tmp_path / run / "SimR2R" / "annotations.json").read_text())[0]["video"]
         assert Image.open(tmp_path / run / "SimR2R" / video / "rgb" / "001.jpg").size == size
+
+
+def test_search_turn_turns_one_way_until_the_goal_is_in_view():
+    """The option beyond the reference: LEFT until the goal's bearing is within search_view of straight ahead
+    (exactly as many turns as the start heading needs), then the geodesic expert to the goal."""
+    import math
+
+    from streamvln.sim.base import LEFT, bearing, wrap
+    from streamvln.sim.miniworld_sim import MiniWorldSim
+    from streamvln.sim.trajectories import walk
+
+    eps, _ = generate_episodes(EpisodeGenConfig(tier="room", scenes=3, per_scene=2, seed=0))
+    from dataclasses import replace
+
+    from pipeline.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = load_config(TrajectoryConfig, root / "configs/sim/trajectories_search.yaml", {})
+    assert (shipped.search_turn, shipped.search_view) == ("left", 20.0)
+    search = replace(shipped, sim=CFG.sim)
+    needed, differs = [], []
+    with MiniWorldSim(CFG.sim) as sim:
+        for ep in eps:
+            goal, start = ep.goal_position, ep.start_position
+            k = next(k for k in range(25) if abs(wrap(bearing((start[0], start[2]), (goal[0], goal[2]))
+                                                      - ep.start_heading - math.radians(15.0) * k)) <= math.radians(20))
+            frames, actions, metrics = walk(sim, ep, search)
+            assert actions[:k] == [LEFT] * k and len(frames) == len(actions) + 1
+            assert metrics["success"] == 1.0
+            _, plain, _ = walk(sim, ep, CFG)
+            differs.append(plain != actions)
+            needed.append(k)
+    assert max(needed) >= 4 and min(needed) < max(needed)
+    assert any(differs)  # the geodesic expert alone turns toward the goal, either way: it does not search
+    with pytest.raises(ValueError, match="search_turn"):
+        TrajectoryConfig(search_turn="up").validate()

@@ -18,10 +18,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import math
+
 import numpy as np
 from PIL import Image
 
-from .base import STOP, SimConfig, SimulatorError
+from .base import LEFT, RIGHT, STOP, SimConfig, SimulatorError, bearing, wrap
 from .episodes import NavEpisode, read_episodes
 
 MAX_ACTIONS = 498  # the reference skips longer episodes
@@ -35,9 +37,18 @@ class TrajectoryConfig:
     max_actions: int = MAX_ACTIONS
     jpeg_quality: int = 75  # PIL's default, which the reference's writer uses
     workers: int = 1
+    # Beyond the reference, off by default: before following the path, turn this way ("left" or "right") until
+    # the goal lies within search_view degrees of straight ahead. The geodesic expert turns toward a goal it
+    # cannot see, by privileged knowledge; a searching expert's turns depend only on what is in view.
+    search_turn: str = "none"
+    search_view: float = 20.0
 
     def validate(self):
         self.sim.validate()
+        if self.search_turn not in ("none", "left", "right"):
+            raise ValueError(f"search_turn must be none, left or right, got {self.search_turn!r}")
+        if not 0 < self.search_view < 180:
+            raise ValueError("search_view must be in (0, 180) degrees")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in 1..100")
         if self.workers < 1:
@@ -82,6 +93,14 @@ def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig):
     obs = sim.reset(episode)
     waypoints = [p for p in episode.reference_path[1:]] or [episode.goal_position]
     frames, actions, k = [obs.rgb], [], 0
+    if cfg.search_turn != "none":
+        turn, goal = (LEFT if cfg.search_turn == "left" else RIGHT), episode.goal_position
+        for _ in range(int(math.ceil(360.0 / sim.config.turn_angle))):
+            pos, heading = sim.agent_pose()
+            if abs(wrap(bearing((pos[0], pos[2]), (goal[0], goal[2])) - heading)) <= math.radians(cfg.search_view):
+                break
+            actions.append(turn)
+            frames.append(sim.step(turn).rgb)
     while True:
         last = k == len(waypoints) - 1
         action = sim.expert_action(waypoints[k], cfg.final_radius if last else cfg.intermediate_radius)
