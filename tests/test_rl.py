@@ -211,6 +211,7 @@ def test_a_policy_on_the_path_is_left_alone(sim):
 # ---- rollouts and updates with a real (tiny) model ----------------------------------------------
 
 ARROWS, IM_END = [76286, 71858, 51018], 151645  # ↑ ← →
+STOP_ID, NEWLINE = 50669, 198
 
 
 @pytest.fixture(scope="module")
@@ -550,14 +551,26 @@ def test_disabled_recovery_means_no_intervention_at_all(sim):
     assert walk(sim, iv, cfg, lambda s: LEFT, 5) == (["policy"] * 5, "running")  # no forced STOP either
 
 
+def group_infos(model_dir, episode, cfg) -> list[dict]:
+    """One group of two rollouts of `episode` by the model in model_dir: each rollout's info."""
+    from streamvln.agent.rollout import rollout
+    from streamvln.rl.policy import Member, RLPolicy
+    from streamvln.rl.train import load_policy_model
+
+    agent = load_policy_model(str(model_dir), cfg)
+    sims = [MiniWorldSim(SimConfig(width=32, height=24)) for _ in range(2)]
+    try:
+        return [r.info for r in rollout(sims, RLPolicy(agent, sims, cfg), [Member(episode, m, 0, cfg.seed) for m in range(2)])]
+    finally:
+        for s in sims:
+            s.close()
+
+
 def test_the_stall_option_ends_a_spinning_policys_episode_as_a_charged_failure(world, tmp_path):
     """Why spinning paid (docs/rl.md): turning in place near the start is never off the path, so nothing takes
     over, and it costs 0.05 a step. With stall_patience, its episode ends as a failure charged stall_penalty."""
     from pipeline.qwen_tokenizer import load_tokenizer
-    from streamvln.agent.rollout import rollout
     from streamvln.model.build import build_model
-    from streamvln.rl.policy import Member, RLPolicy
-    from streamvln.rl.train import load_policy_model
 
     root, eps = world
     model = build_model(None, str(root / "ckpt"))
@@ -568,17 +581,8 @@ def test_the_stall_option_ends_a_spinning_policys_episode_as_a_charged_failure(w
         model.lm_head.weight[ARROWS[1], 0], model.lm_head.weight[ARROWS[2], 0] = 1e3, -1e3
     model.save_pretrained(tmp_path / "spinner")
     load_tokenizer(str(root / "ckpt")).save_pretrained(tmp_path / "spinner")
-    runs = {}
-    for patience, penalty in ((0, 0.0), (6, 2.0)):
-        cfg = rl_cfg(stall_patience=patience, stall_penalty=penalty)
-        agent = load_policy_model(str(tmp_path / "spinner"), cfg)
-        sims = [MiniWorldSim(SimConfig(width=32, height=24)) for _ in range(2)]
-        try:
-            runs[patience] = [r.info for r in rollout(sims, RLPolicy(agent, sims, cfg),
-                                                      [Member(eps[0], m, 0, cfg.seed) for m in range(2)])]
-        finally:
-            for s in sims:
-                s.close()
+    runs = {patience: group_infos(tmp_path / "spinner", eps[0], rl_cfg(stall_patience=patience, stall_penalty=penalty))
+            for patience, penalty in ((0, 0.0), (6, 2.0))}
     guide, stalled = runs[0], runs[6]
     assert all(s.source == "policy" and s.action in (LEFT, RIGHT) for t in guide + stalled for s in t["steps"])
     d = guide[0]["metrics"]["distance_to_goal"]
@@ -591,6 +595,37 @@ def test_the_stall_option_ends_a_spinning_policys_episode_as_a_charged_failure(w
         assert t["return"] == pytest.approx(5 * -0.05 - d / 6 - 2.0)
     with pytest.raises(ConfigError, match="stall_penalty needs stall_patience"):
         RLConfig(stall_penalty=1.0).validate()
+
+
+def test_the_premature_stop_penalty_charges_a_refused_far_stop(world, tmp_path):
+    """A policy that says STOP at its start, far from the goal: the STOP is refused and the episode ends as a
+    failure. The guide charges it only the terminal reward; premature_stop_penalty charges it that much more."""
+    from pipeline.qwen_tokenizer import load_tokenizer
+    from streamvln.model.build import build_model
+
+    root, eps = world
+    model = build_model(None, str(root / "ckpt"))
+    with torch.no_grad():  # a stopper: no layer writes to the residual, so the answer reads the last prompt token
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[NEWLINE, 0] = 1.0  # the token before every answer ("assistant\n"): unit 0 > 0
+        model.lm_head.weight[STOP_ID, 0] = 1e3
+    model.save_pretrained(tmp_path / "stopper")
+    load_tokenizer(str(root / "ckpt")).save_pretrained(tmp_path / "stopper")
+    runs = {penalty: group_infos(tmp_path / "stopper", eps[0], rl_cfg(premature_stop_penalty=penalty))
+            for penalty in (0.0, 1.5)}
+    d = runs[0.0][0]["metrics"]["distance_to_goal"]
+    assert d > 1.0  # far from the goal: a premature STOP
+    for penalty, infos in runs.items():
+        for t in infos:
+            assert t["outcome"] == "premature_stop" and len(t["steps"]) == 1 and t["steps"][0].source == "refused"
+            assert t["return"] == pytest.approx(-d / 6 - penalty)
+    with pytest.raises(ConfigError, match="premature_stop_penalty"):
+        RLConfig(premature_stop_penalty=-1.0).validate()
 
 
 def test_logger_writes_jsonl_tensorboard_and_an_offline_wandb_run(tmp_path, monkeypatch):

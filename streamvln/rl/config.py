@@ -62,6 +62,9 @@ class RLConfig:
     # taken over and pays only the turn cost, so spinning out the step limit can beat trying to walk)
     stall_patience: int = 0
     stall_penalty: float = 0.0
+    # beyond the guide: a refused (premature) STOP ends the episode as a failure charged this much more than the
+    # terminal reward; 0: off, the guide's. With the stall option alone a far STOP is the cheap way out.
+    premature_stop_penalty: float = 0.0
     # ---- optimisation
     num_updates: int = 500
     num_episodes_per_update: int = 1
@@ -112,6 +115,8 @@ class RLConfig:
             raise ConfigError("temperature must be positive")
         if self.stall_patience < 0 or self.stall_penalty < 0:
             raise ConfigError("stall_patience and stall_penalty must be >= 0 (0: off)")
+        if self.premature_stop_penalty < 0:
+            raise ConfigError("premature_stop_penalty must be >= 0 (0: off)")
         if self.stall_penalty > 0 and self.stall_patience == 0:
             raise ConfigError("stall_penalty needs stall_patience > 0: without it no episode ever stalls")
         if self.waypoint_radius >= self.offtrack_dist_thresh:

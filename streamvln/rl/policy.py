@@ -183,7 +183,8 @@ class RLPolicy:
         success = run.outcome == "stop" and metrics["success"] == 1.0
         terminal = terminal_reward(self.cfg, metrics["distance_to_goal"], success, metrics["path_length"],
                                    reference_length(run.member.episode),
-                                   self.cfg.stall_penalty if run.outcome == "stalled" else 0.0)
+                                   {"stalled": self.cfg.stall_penalty,
+                                    "premature_stop": self.cfg.premature_stop_penalty}.get(run.outcome, 0.0))
         if run.steps:
             # the last step's own reward is replaced by the terminal one (the guide's terminal step)
             run.steps[-1].reward = terminal

@@ -9,7 +9,7 @@ or an intervention ending the episode): -d / terminal_distance_scale, plus on su
 success_reward + spl_reward x L_ref / max(L_ref, L_agent) with the agent's real path length (B11),
 clipped to +-reward_clip. An intervention-ended episode is a failure: it gets the terminal reward
 without the success terms (B9). A stalled episode (the stall option, beyond the guide) is a failure
-charged stall_penalty on top.
+charged stall_penalty on top; a refused premature STOP is charged premature_stop_penalty (also beyond it).
 """
 
 from __future__ import annotations
