@@ -12,13 +12,12 @@ the result does not depend on the number of workers.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import math
 
 import numpy as np
 from PIL import Image
