@@ -37,7 +37,7 @@ def batch_of(tok, texts):
     labels = torch.where(torch.isin(ids, torch.tensor(list(ACTIONS))) & mask, ids, -100)
     zeros = torch.zeros(len(rows), dtype=torch.long)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "images": None, "n_images": zeros,
-            "n_history": zeros}
+            "n_history": zeros, "mix_ids": zeros}
 
 
 def test_swap_replaces_every_occurrence_of_the_named_colour_and_nothing_else(tok, tokenizer_dir):
