@@ -57,6 +57,7 @@ def test_format_and_counts(written, episodes_file):
         frames = sorted(p.name for p in (out / a["video"] / "rgb").iterdir())
         assert frames[0] == "001.jpg" and len(frames) == len(a["actions"])  # one frame per action entry
         assert a["actions"][0] == -1 and set(a["actions"][1:]) <= {1, 2, 3}  # the final STOP is not stored
+        assert "descriptions" not in a  # the reference's keys only, unless asked
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [r["trajectory_id"] for r in rejects] == [100, 101] and all(r["reason"] for r in rejects)
 
@@ -193,3 +194,34 @@ def test_search_turn_turns_one_way_until_the_goal_is_in_view():
     assert any(differs)  # the geodesic expert alone turns toward the goal, either way: it does not search
     with pytest.raises(ValueError, match="search_turn"):
         TrajectoryConfig(search_turn="up").validate()
+
+
+def test_describe_writes_what_each_frame_shows(tmp_path):
+    """`describe: true` (beyond the reference): one description per frame, of the pose that frame was seen
+    from; the walk ends beside the goal, so the last frame names it; the nav shards' reader keeps them."""
+    from dataclasses import replace
+
+    from streamvln.sim.miniworld_sim import MiniWorldSim
+    from streamvln.sim.tiers import build_scene
+    from streamvln.sim.trajectories import walk
+    from streamvln.sim.views import in_view
+
+    eps, _ = generate_episodes(EpisodeGenConfig(tier="room", scenes=3, per_scene=1, seed=0))
+    write_episodes(tmp_path / "room.json.gz", eps)
+    cfg = replace(CFG, describe=True)
+    write_trajectories(tmp_path / "room.json.gz", tmp_path / "SimRoom", cfg)
+    annotations = json.loads((tmp_path / "SimRoom" / "annotations.json").read_text())
+    assert len(annotations) == len(eps)
+    with MiniWorldSim(CFG.sim) as sim:
+        for a, ep in zip(annotations, eps):
+            assert len(a["descriptions"]) == len(a["actions"])
+            poses = []
+            walk(sim, ep, cfg, poses)
+            spec = build_scene(ep.scene_id)
+            assert a["descriptions"] == [in_view(spec, (x, z), h, 79.0, cfg.describe_ahead) for x, z, h in poses]
+            goal = next(o for o in spec.objects if o.name in ep.instruction_text)
+            assert goal.name in a["descriptions"][-1]  # in view at the end (not always straight ahead)
+    episodes, rejects = read_source(tmp_path / "SimRoom")
+    assert rejects == [] and [list(e.descriptions) for e in episodes] == [a["descriptions"] for a in annotations]
+    with pytest.raises(ValueError, match="describe_ahead"):
+        TrajectoryConfig(describe_ahead=45.0).validate()

@@ -27,6 +27,7 @@ from .base import SimConfig, bearing, wrap
 from .episodes import read_episodes
 from .tiers import build_scene
 from .trajectories import atomic_write, write_video
+from .views import blocked, extent, relative_deg
 from .world import COLOURS, KINDS
 
 ANSWERS = ("left", "ahead", "right", "not visible")
@@ -66,30 +67,6 @@ class GroundingConfig:
         unused = [k for k in UNUSED_SIM if getattr(self.sim, k) != getattr(SimConfig(), k)]
         if unused:
             raise ValueError(f"sim.{', sim.'.join(unused)}: not used by grounding views (no step is taken)")
-
-
-def extent(obj) -> float:
-    """The object's visible half-width from above (a box's half-diagonal, a ball's radius), in metres."""
-    size = KINDS[obj.kind][1]
-    return size * math.sqrt(2) / 2 if obj.kind == "box" else size / 2
-
-
-def blocked(agent, obj, others) -> bool:
-    """Another object nearer than `obj` comes within both half-widths of the sight line to its centre, so it
-    hides some or all of it: such questions are not asked (how much shows depends on heights)."""
-    ax, az = agent
-    dx, dz = obj.x - ax, obj.z - az
-    length = math.hypot(dx, dz)
-    for o in others:
-        t = ((o.x - ax) * dx + (o.z - az) * dz) / (length * length)
-        if 0 < t < 1 and math.hypot(ax + t * dx - o.x, az + t * dz - o.z) < extent(o) + extent(obj):
-            return True
-    return False
-
-
-def relative_deg(agent, heading: float, obj) -> float:
-    """The object's bearing from the view's centre line, degrees; positive: to the left."""
-    return math.degrees(wrap(bearing(agent, (obj.x, obj.z)) - heading))
 
 
 def answer(agent, heading: float, obj, others, cfg: GroundingConfig) -> str | None:

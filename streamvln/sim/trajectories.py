@@ -2,7 +2,8 @@
 
 The follower walks each path's reference waypoints (intermediate radius 0.5 m, the last 0.25 m);
 frames go to images/<video>/rgb/001.jpg... (1-indexed), annotations.json holds {id, video,
-instructions, actions: [-1, a1, ...]} with one frame per action entry. Episodes sharing a
+instructions, actions: [-1, a1, ...]} with one frame per action entry (and, with `describe`, one description per
+frame: docs/simulator.md). Episodes sharing a
 trajectory_id (paraphrases of one path) become one video with all their instructions. A video's
 frames are written under a temporary name and renamed when complete, then its record is
 committed; a rerun skips committed videos and redoes anything else, so a killed run resumes and
@@ -24,6 +25,7 @@ from PIL import Image
 
 from .base import LEFT, RIGHT, STOP, SimConfig, SimulatorError, bearing, wrap
 from .episodes import NavEpisode, read_episodes
+from .views import DESCRIBE_AHEAD, in_view
 
 MAX_ACTIONS = 498  # the reference skips longer episodes
 
@@ -41,6 +43,11 @@ class TrajectoryConfig:
     # cannot see, by privileged knowledge; a searching expert's turns depend only on what is in view.
     search_turn: str = "none"
     search_view: float = 20.0
+    # Beyond the reference, off by default: annotations.json also gets "descriptions", one per frame, saying
+    # which objects that frame shows and where ("red ball left, blue box ahead."); `streamvln-shards nav` with
+    # `describe: true` makes each answer say it before its actions (docs/results.md: why).
+    describe: bool = False
+    describe_ahead: float = DESCRIBE_AHEAD  # degrees either side of the centre line that a description calls "ahead"
 
     def validate(self):
         self.sim.validate()
@@ -48,6 +55,8 @@ class TrajectoryConfig:
             raise ValueError(f"search_turn must be none, left or right, got {self.search_turn!r}")
         if not 0 < self.search_view < 180:
             raise ValueError("search_view must be in (0, 180) degrees")
+        if not 0 <= self.describe_ahead < self.sim.hfov / 2:
+            raise ValueError("describe_ahead must be in [0, hfov / 2) degrees")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in 1..100")
         if self.workers < 1:
@@ -87,11 +96,19 @@ def write_video(final: Path, frames, quality: int, first: int) -> None:
     tmp.rename(final)
 
 
-def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig):
-    """Roll the follower along the reference path: (frames, actions without the final STOP, metrics)."""
-    obs = sim.reset(episode)
+def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig, poses: list | None = None):
+    """Roll the follower along the reference path: (frames, actions without the final STOP, metrics).
+    `poses`, when given, gets each frame's (x, z, heading)."""
+    frames, actions, k = [], [], 0
+
+    def see(obs):
+        frames.append(obs.rgb)
+        if poses is not None:
+            pos, heading = sim.agent_pose()
+            poses.append((float(pos[0]), float(pos[2]), float(heading)))
+
+    see(sim.reset(episode))
     waypoints = [p for p in episode.reference_path[1:]] or [episode.goal_position]
-    frames, actions, k = [obs.rgb], [], 0
     if cfg.search_turn != "none":
         turn, goal = (LEFT if cfg.search_turn == "left" else RIGHT), episode.goal_position
         for _ in range(int(math.ceil(360.0 / sim.config.turn_angle))):
@@ -99,7 +116,7 @@ def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig):
             if abs(wrap(bearing((pos[0], pos[2]), (goal[0], goal[2])) - heading)) <= math.radians(cfg.search_view):
                 break
             actions.append(turn)
-            frames.append(sim.step(turn).rgb)
+            see(sim.step(turn))
     while True:
         last = k == len(waypoints) - 1
         action = sim.expert_action(waypoints[k], cfg.final_radius if last else cfg.intermediate_radius)
@@ -112,7 +129,7 @@ def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig):
             raise SimulatorError(f"the expert did not reach the goal within {sim.config.max_steps} steps",
                                  "expert did not reach the goal")
         actions.append(action)
-        frames.append(sim.step(action).rgb)
+        see(sim.step(action))
     sim.step(STOP)
     return frames, actions, sim.metrics()
 
@@ -131,8 +148,9 @@ def _run(args) -> dict:
         _WORKER_SIM = MiniWorldSim(SimConfig(**asdict(cfg.sim)))
     ids = [ep.episode_id for ep in task.episodes]
     record = {"trajectory_id": task.trajectory_id, "video": task.video, "episode_ids": ids}
+    poses = [] if cfg.describe else None
     try:
-        frames, actions, metrics = walk(_WORKER_SIM, task.episodes[0], cfg)
+        frames, actions, metrics = walk(_WORKER_SIM, task.episodes[0], cfg, poses)
     except SimulatorError as e:
         return {**record, "reason": str(e), "kind": e.kind}
     if len(actions) > cfg.max_actions:
@@ -141,6 +159,10 @@ def _run(args) -> dict:
     write_video(Path(out) / task.video, frames, cfg.jpeg_quality, first=1)
     entry = {"id": task.trajectory_id, "video": task.video,
              "instructions": [ep.instruction_text for ep in task.episodes], "actions": [-1] + actions}
+    if cfg.describe:
+        spec, _ = _WORKER_SIM.scene(task.episodes[0].scene_id)
+        entry["descriptions"] = [in_view(spec, (x, z), h, cfg.sim.hfov, cfg.describe_ahead, cfg.sim.camera_height)
+                                 for x, z, h in poses]
     return {**record, "entry": entry, "frames": len(frames),
             "expert": {k: metrics[k] for k in ("success", "spl", "ndtw", "distance_to_goal", "collisions")}}
 
