@@ -6,7 +6,7 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -109,6 +109,15 @@ class NavShardConfig:
     max_tokens: int = 32768  # longer samples are rejected (the reference would truncate them)
     seed: int = 0
     split: str = "train"
+    # Beyond the reference, off by default: each answer first says what its frame shows, from the annotations'
+    # "descriptions" (`streamvln-sim trajectories` with `describe: true`), then its actions. Episodes without
+    # descriptions are rejected. The agent reads only the action symbols of an answer, so it drives either kind.
+    describe: bool = False
+    # With describe, per instruction this many more sample streams whose first decoy word (e.g. the goal's colour)
+    # is swapped for another of the list; their actions are not labelled (they walk to the real goal), their
+    # descriptions are: a description the instruction predicts is copied from it instead of read off the frame.
+    describe_decoys: int = 0
+    decoy_words: list[str] = field(default_factory=list)
 
     def validate(self):
         _check_positive(self, "num_frames", "num_future_steps", "num_history", "image_size", "samples_per_shard",
@@ -117,6 +126,8 @@ class NavShardConfig:
             raise ConfigError(f"history_mode must be 'exact' or 'reference', got {self.history_mode!r}")
         if self.frame_storage not in ("episode", "sample"):
             raise ConfigError(f"frame_storage must be 'episode' or 'sample', got {self.frame_storage!r}")
+        if self.describe_decoys < 0 or (self.describe_decoys and (not self.describe or len(self.decoy_words) < 2)):
+            raise ConfigError("describe_decoys needs describe: true and at least two decoy_words")
         _check_output(self)
 
 

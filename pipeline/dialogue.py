@@ -34,14 +34,18 @@ def nav_prompt(instruction: str, has_history: bool) -> str:
 
 
 def nav_dialogue(
-    instruction: str, actions: list[int], *, has_history: bool, num_future_steps: int, rng: random.Random
+    instruction: str, actions: list[int], *, has_history: bool, num_future_steps: int, rng: random.Random,
+    descriptions: list[str] | None = None,
 ) -> list[tuple[str, str]]:
-    """(role, content) turns: one human/assistant exchange per group of `num_future_steps` actions."""
+    """(role, content) turns: one human/assistant exchange per group of `num_future_steps` actions; with
+    `descriptions` (one per turn, of the turn's frame) each answer says it before the actions."""
     prompt = nav_prompt(instruction, has_history)
     turns = []
-    for j in range(0, len(actions), num_future_steps):
+    for n, j in enumerate(range(0, len(actions), num_future_steps)):
         observation = rng.choice(CONJUNCTIONS) + IMAGE_TOKEN + "."
         human = prompt + " " + observation if j == 0 else observation
         answer = "".join(ACTION_SYMBOLS[a] for a in actions[j : j + num_future_steps])
+        if descriptions is not None:
+            answer = f"In view: {descriptions[n]} {answer}"
         turns += [("user", human), ("assistant", answer)]
     return turns

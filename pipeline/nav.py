@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from .config import NavShardConfig
 from .dialogue import nav_dialogue
 from .frames import Chunk, plan_chunks, skip_reason
@@ -27,11 +29,11 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def sample_key(episode: Episode, instruction: int, start: int) -> str:
+def sample_key(episode: Episode, instruction: int | str, start: int) -> str:
     return f"{_safe(episode.source)}-{_safe(episode.episode_id)}-i{instruction}-s{start:04d}"
 
 
-def sample_rng(seed: int, episode: Episode, instruction: int, start: int) -> random.Random:
+def sample_rng(seed: int, episode: Episode, instruction: int | str, start: int) -> random.Random:
     """An RNG per sample, so the conjunctions drawn do not depend on workers, parts or order."""
     digest = hashlib.sha256(f"{seed}|{episode.source}|{episode.episode_id}|{instruction}|{start}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
@@ -55,21 +57,28 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
     files = list_frames(episode)
     if len(files) < len(episode.actions):
         return [], [reject(f"fewer frames than actions: {len(files)} frames in {episode.frame_dir} for {len(episode.actions)} actions")]
+    if cfg.describe and episode.descriptions is None:
+        return [], [reject("describe: true, but the episode has no descriptions (streamvln-sim trajectories "
+                           "with describe: true writes them)")]
     chunks = episode_chunks(episode, cfg)
     kept, rejects = [], []
-    for k, instruction in enumerate(episode.instructions):
+    for k, tag, instruction, decoy in instruction_variants(episode, cfg):
         for chunk in chunks:
-            key = sample_key(episode, k, chunk.start)
+            key = sample_key(episode, tag, chunk.start)
+            described = [episode.descriptions[f] for f in chunk.current_frames] if cfg.describe else None
             turns = nav_dialogue(instruction, chunk.actions, has_history=chunk.start != 0,
-                                 num_future_steps=cfg.num_future_steps, rng=sample_rng(cfg.seed, episode, k, chunk.start))
+                                 num_future_steps=cfg.num_future_steps,
+                                 rng=sample_rng(cfg.seed, episode, tag, chunk.start), descriptions=described)
             input_ids, labels = tokenize_dialogue(tok, ids, turns)
+            if decoy:  # the actions walk to another goal: only the descriptions are taught
+                labels[np.isin(input_ids, action_token_ids(tok, turns))] = IGNORE_INDEX
             if len(input_ids) > cfg.max_tokens:
                 rejects.append(reject(f"too many tokens: {len(input_ids)} > max_tokens {cfg.max_tokens}", key))
                 continue
-            kept.append((key, k, instruction, chunk, input_ids, labels))
+            kept.append((key, k, instruction, chunk, input_ids, labels, decoy))
     # Decode each needed frame once for the whole episode: chunks share history frames and every
     # instruction of an episode shares all of them.
-    needed = sorted({i for *_, c, _, _ in kept for i in c.history_frames + c.current_frames})
+    needed = sorted({i for *_, c, _, _, _ in kept for i in c.history_frames + c.current_frames})
     encoded = {}
     for i in needed:
         try:
@@ -82,7 +91,7 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
                              [f"{i:05d}.jpg" for i in needed], [encoded[i] for i in needed])
     position = {i: n for n, i in enumerate(needed)}
     samples = []
-    for key, k, instruction, chunk, input_ids, labels in kept:
+    for key, k, instruction, chunk, input_ids, labels, decoy in kept:
         frame_ids = chunk.history_frames + chunk.current_frames
         meta = {
             "schema_version": SCHEMA_VERSION, "task": TASK, "key": key, "source": episode.source,
@@ -91,6 +100,7 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
             "history_frames": chunk.history_frames, "current_frames": chunk.current_frames,
             "n_history": len(chunk.history_frames), "n_frames": len(frame_ids), "image_size": cfg.image_size,
             "n_tokens": len(input_ids), "n_labels": int((labels != IGNORE_INDEX).sum()),
+            **({"decoy": True} if decoy else {}),  # a swapped goal word: only the descriptions are labelled
         }
         row = {"source": episode.source, "episode": episode.episode_id, "instruction": k, "start": chunk.start,
                **{f: meta[f] for f in ("n_frames", "n_history", "n_tokens", "n_labels")}}
@@ -99,6 +109,28 @@ def build_episode(episode: Episode, cfg: NavShardConfig, tok, ids: TokenIds) -> 
         else:
             samples.append(Sample(key, meta, input_ids, labels, [], row, record, [position[i] for i in frame_ids]))
     return samples, rejects
+
+
+def instruction_variants(episode: Episode, cfg: NavShardConfig) -> list[tuple[int, int | str, str, bool]]:
+    """(instruction index, key tag, instruction, decoy) per sample stream: each instruction as written, then
+    `describe_decoys` copies with its first decoy word (a colour) swapped for another, drawn per copy. A decoy's
+    answers still describe the frames, which the instruction then cannot predict: the description has to come
+    from the image."""
+    out = [(k, k, text, False) for k, text in enumerate(episode.instructions)]
+    words = cfg.decoy_words
+    for k, text in enumerate(episode.instructions):
+        found = [w for w in re.findall(r"[A-Za-z]+", text) if w in words]
+        for d in range(cfg.describe_decoys if found else 0):
+            other = sample_rng(cfg.seed, episode, f"{k}d{d}", -1).choice([w for w in words if w != found[0]])
+            out.append((k, f"{k}d{d}", re.sub(rf"\b{found[0]}\b", other, text), True))
+    return out
+
+
+def action_token_ids(tok, turns: list[tuple[str, str]]) -> np.ndarray:
+    """The ids of the answers' action symbols (" ←←↑↑", "STOP"): pre-tokenised apart from the words before them,
+    and never part of a description (letters, commas, full stops)."""
+    symbols = [re.sub(r"^.*\. ", "", answer) for role, answer in turns if role == "assistant"]
+    return np.unique(np.concatenate([tok(" " + s, add_special_tokens=False)["input_ids"] for s in symbols]))
 
 
 # ---------------------------------------------------------------- planning
@@ -128,7 +160,7 @@ def plan_nav(sources: list[Path], cfg: NavShardConfig, tokenizer: dict) -> tuple
                 per_source[src.name]["episodes_rejected"] += 1
                 continue
             kept.append(episode)
-            sizes.append(len(chunks) * len(episode.instructions))
+            sizes.append(len(chunks) * len(instruction_variants(episode, cfg)))
         rejects.extend(early)
     groups = group_units(kept, sizes, cfg.samples_per_shard)
     for c in per_source.values():

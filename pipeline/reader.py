@@ -25,6 +25,7 @@ class Episode:
     video: str
     instructions: tuple[str, ...]
     actions: tuple[int, ...]
+    descriptions: tuple[str, ...] | None = None  # per frame, what it shows (the simulator's describing expert)
 
     @property
     def ref(self) -> str:
@@ -92,7 +93,13 @@ def _validate(entry, source: str, root: str, position: int) -> Episode | Reject:
     unknown = sorted({a for a in actions[1:] if a not in ACTION_IDS})
     if unknown:
         return Reject(where, f"unknown action id(s) {unknown}; known: 0 STOP, 1 FORWARD, 2 LEFT, 3 RIGHT", source, episode_id)
-    return Episode(source, root, position, episode_id, video, tuple(instructions), tuple(actions))
+    descriptions = entry.get("descriptions")
+    if descriptions is not None and (not isinstance(descriptions, list) or len(descriptions) != len(actions)
+                                     or not all(isinstance(d, str) and d.strip() for d in descriptions)):
+        return Reject(where, f"descriptions must be a list of {len(actions)} non-empty strings, one per frame",
+                      source, episode_id)
+    return Episode(source, root, position, episode_id, video, tuple(instructions), tuple(actions),
+                   None if descriptions is None else tuple(descriptions))
 
 
 def read_source(src: str | Path, name: str | None = None) -> tuple[list[Episode], list[Reject]]:

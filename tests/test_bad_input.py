@@ -39,6 +39,8 @@ def test_each_bad_episode_is_rejected_with_its_reason(tmp_path, tokenizer_dir):
         ["not", "an", "object"],
         {**episode("good", 10), "video": "images/dup"},
         {**episode("escape", 10), "video": "../../etc"},
+        {**episode("fewdescriptions", 10), "descriptions": ["nothing."] * 9},
+        {**episode("blankdescription", 10), "descriptions": ["nothing."] * 9 + [" "]},
     ]
     src = write_source(tmp_path / "data", "R2R", entries, frames={"nodir": None, "fewframes": 6, "escape": None})
     (src / "images/ep_corrupt/rgb/005.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
@@ -64,6 +66,8 @@ def test_each_bad_episode_is_rejected_with_its_reason(tmp_path, tokenizer_dir):
     assert reasons["R2R/annotations.json[12]"] == "entry is list, not an object"
     assert reasons["good"] == "duplicate episode id in this source"
     assert reasons["escape"].startswith("video must be a relative path inside the source")
+    assert reasons["fewdescriptions"] == reasons["blankdescription"] == \
+        "descriptions must be a list of 10 non-empty strings, one per frame"
     assert manifest["rejects_by_reason"]["corrupt frame"] == 2
     assert all(r["input"].startswith("R2R/annotations.json[") for r in rejects)
 

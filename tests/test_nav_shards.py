@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -236,3 +237,72 @@ def test_frames_once_per_episode_give_the_same_batches_as_copies_per_sample(tiny
     manifest_path.write_text(json.dumps({**manifest, "schema_version": 1}))
     with pytest.raises(ValueError, match="schema version 1; this loader reads 2, 3: write them again"):
         load_task("nav", [str(tmp_path / "sample" / "nav")], "train")
+
+
+def test_describe_puts_each_frames_description_before_its_actions(tmp_path, tokenizer_dir, tok):
+    """`describe: true` (beyond the reference): every answer is "In view: <its frame's description> <actions>",
+    labelled like the actions; an episode without descriptions is rejected with the reason, and counts add up.
+    Off (the default), the same source gives the reference's answers: the descriptions are not read."""
+    from conftest import episode, write_source
+
+    described = episode(1, 9, ("Walk to the red ball and stop next to it.",))
+    described["descriptions"] = [f"red ball {'left' if i % 2 else 'ahead'}." for i in range(9)]
+    src = write_source(tmp_path / "data", "SimRoom", [described, episode(2, 6)])
+    cfg = NavShardConfig(image_size=32, samples_per_shard=4, describe=True)
+    run_nav([src], tmp_path / "on", cfg, tokenizer_dir, progress=False)
+    run_nav([src], tmp_path / "off", NavShardConfig(image_size=32, samples_per_shard=4), tokenizer_dir, progress=False)
+
+    def samples(root):
+        task = root / "nav"
+        urls = sorted(str(p) for p in task.glob("*.tar"))
+        return [r for r in wds.WebDataset(urls, shardshuffle=False).decode() if "json" in r], task
+
+    on, task = samples(tmp_path / "on")
+    counts = json.loads((task / "manifest.json").read_text())["splits"]["train"]["counts"]
+    assert counts["episodes_in"] == 2 and counts["episodes_written"] == 1 and counts["episodes_rejected"] == 1
+    rejects = [json.loads(line) for line in (task / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and "no descriptions" in rejects[0]["reason"]
+    (sample,) = on
+    meta = sample["json"]
+    ids, labels = np.asarray(sample["input_ids.npy"]), np.asarray(sample["labels.npy"])
+    text = tok.decode(ids[ids >= 0])
+    answers = [a.split("<|im_end|>")[0] for a in text.split("<|im_start|>assistant\n")[1:]]
+    symbols = {1: "↑", 2: "←", 3: "→", 0: "STOP"}
+    expected = [f"In view: {described['descriptions'][f]} "
+                + "".join(symbols[a] for a in meta["actions"][4 * j: 4 * j + 4])
+                for j, f in enumerate(meta["current_frames"])]
+    assert answers == expected
+    assert "In view: red ball" in tok.decode(labels[labels >= 0])  # the description is taught, not only shown
+    off, _ = samples(tmp_path / "off")
+    assert len(off) == 2 and all("In view" not in tok.decode(np.asarray(r["input_ids.npy"])[
+        np.asarray(r["input_ids.npy"]) >= 0]) for r in off)
+
+
+def test_describe_decoys_swap_the_goal_colour_and_label_only_the_descriptions(tmp_path, tokenizer_dir, tok):
+    """`describe_decoys`: one more stream per instruction whose colour word is another of decoy_words; its answers
+    are the same text, but only the descriptions (and the turn tokens) are labelled, never an action symbol."""
+    from conftest import episode, write_source
+
+    described = episode(1, 9, ("Walk to the red ball and stop next to it.",))
+    described["descriptions"] = [f"red ball {'left' if i % 2 else 'ahead'}." for i in range(9)]
+    src = write_source(tmp_path / "data", "SimRoom", [described])
+    cfg = NavShardConfig(image_size=32, samples_per_shard=4, describe=True, describe_decoys=1,
+                         decoy_words=["red", "green", "blue"])
+    run_nav([src], tmp_path / "out", cfg, tokenizer_dir, progress=False)
+    urls = sorted(str(p) for p in (tmp_path / "out" / "nav").glob("*.tar"))
+    samples = {r["json"]["key"]: r for r in wds.WebDataset(urls, shardshuffle=False).decode() if "json" in r}
+    plain, decoy = samples["SimRoom-1-i0-s0000"], samples["SimRoom-1-i0d0-s0000"]
+    assert decoy["json"]["decoy"] is True and "decoy" not in plain["json"]
+    assert decoy["json"]["instruction"] in ("Walk to the green ball and stop next to it.",
+                                            "Walk to the blue ball and stop next to it.")
+
+    def labelled(sample):
+        labels = np.asarray(sample["labels.npy"])
+        return tok.decode(labels[labels >= 0])
+
+    assert "In view: red ball ahead." in labelled(decoy) and not set("↑←→") & set(labelled(decoy))
+    assert "STOP" not in labelled(decoy) and "STOP" in labelled(plain) and "↑" in labelled(plain)
+    # the same labelled text as the plain stream's, less each answer's actions (with the space before them)
+    assert labelled(decoy) == re.sub(r" [↑←→]+(?:STOP)?| STOP", "", labelled(plain))
+    with pytest.raises(Exception, match="decoy_words"):
+        NavShardConfig(describe_decoys=1, describe=True, decoy_words=["red"]).validate()
