@@ -119,11 +119,13 @@ def save_media(output: Path, sim, result, maps: bool, videos: bool) -> None:
 @click.option("--num-frames", type=int, default=None, help="window length [32]")
 @click.option("--num-history", type=int, default=None, help="memory frames [8]")
 @click.option("--reference-memory-text", is_flag=True, default=None, help="the reference's memory sentence (no colon)")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="tokens an answer may have [24]; a describing model (docs/shards.md, describe) needs about 48")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--maps", is_flag=True, help="top-down map per episode (maps/*.png)")
 @click.option("--videos", is_flag=True, help="first-person video per episode (videos/*.mp4)")
 def evaluate_cmd(checkpoint, policy, episodes_path, output, num_envs, max_episodes, every, width, height, max_steps,
-                 num_frames, num_history, reference_memory_text, seed, maps, videos):
+                 num_frames, num_history, reference_memory_text, max_new_tokens, seed, maps, videos):
     """Closed-loop evaluation: a policy drives the simulator on an episodes file; summary with N and 95% intervals."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
@@ -144,7 +146,7 @@ def evaluate_cmd(checkpoint, policy, episodes_path, output, num_envs, max_episod
         sims = [MiniWorldSim(SimConfig(width=width, height=height, max_steps=max_steps)) for _ in range(num_envs)]
         pol = build_policy(policy, checkpoint, sims, num_envs, seed,
                            {"num_frames": num_frames, "num_history": num_history,
-                            "reference_memory_text": reference_memory_text})
+                            "reference_memory_text": reference_memory_text, "max_new_tokens": max_new_tokens})
         run_episodes(sims, pol, mine, output, rank, maps, videos)
         for s in sims:
             s.close()
@@ -153,7 +155,7 @@ def evaluate_cmd(checkpoint, policy, episodes_path, output, num_envs, max_episod
     if rank == 0:
         write_summary(output, episodes, episodes_path, policy,
                       {"checkpoint": checkpoint, "world_size": world, "max_steps": max_steps, "every": every,
-                       "max_episodes": max_episodes, "seed": seed})
+                       "max_episodes": max_episodes, "seed": seed, "max_new_tokens": max_new_tokens})
     if world > 1:
         torch.distributed.destroy_process_group()
 

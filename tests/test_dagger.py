@@ -158,6 +158,32 @@ def test_saved_labels_are_the_executed_actions_or_the_experts(sim):
     assert len(relabelled["actions"]) == n and info["expert_actions"][-1] == STOP
 
 
+def test_describe_saves_each_frames_description_from_the_rollouts_poses():
+    """`describe` (beyond the reference): a saved episode gets one description per frame, of the pose the
+    rollout recorded with that frame (keep_frames); the poses follow the actions taken (a LEFT adds 15 degrees)."""
+    from streamvln.dagger.collect import episode_row
+    from streamvln.sim.tiers import build_scene
+    from streamvln.sim.views import in_view
+
+    eps, _ = generate_episodes(EpisodeGenConfig(tier="room", scenes=2, per_scene=1, seed=0))
+    with MiniWorldSim(SMALL) as room_sim:
+        agent = ScriptedAgent(lambda turn: [LEFT, LEFT, FORWARD, FORWARD])
+        policy = DaggerPolicy(agent, [room_sim], DaggerConfig(save="all", describe=True), None)
+        (result,) = list(rollout([room_sim], policy, eps[:1], keep_frames=True))
+    ep = eps[0]
+    assert len(result.poses) == len(result.frames) == len(result.actions) + 1
+    assert result.poses[0] == pytest.approx((ep.start_position[0], ep.start_position[2], ep.start_heading), abs=1e-4)
+    for (x0, z0, h0), (x1, z1, h1), a in zip(result.poses, result.poses[1:], result.actions):
+        if a == LEFT:
+            assert (x1, z1) == (x0, z0) and math.degrees(h1 - h0) % 360 == pytest.approx(15.0, abs=1e-3)
+    _, entry, _ = episode_row(result, DaggerConfig(save="all", describe=True), "x")
+    spec = build_scene(ep.scene_id)
+    assert entry["descriptions"] == [in_view(spec, (x, z), h, 79.0, 10.0) for x, z, h in result.poses[:-1]]
+    assert len(entry["descriptions"]) == len(entry["actions"])
+    _, plain, _ = episode_row(result, DaggerConfig(save="all"), "x")
+    assert "descriptions" not in plain
+
+
 def test_reaching_the_next_waypoint_ends_the_intervention(sim):
     ep = nav_episode("hand_two_rooms", (0.3, 2.0), (6.5, 1.0), heading=WEST,
                      reference=[[0.3, 0, 2.0], [2.2, 0, 2.0], [4.0, 0, 1.0], [6.5, 0, 1.0]])

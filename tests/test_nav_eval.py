@@ -137,5 +137,15 @@ def test_cli_loads_a_checkpoint_directory_and_runs_the_agent(episodes_file, toke
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "result.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["steps"] >= 1 and row["actions"] for row in rows)
+    # --max-new-tokens reaches the agent and the summary
+    short = tmp_path / "short"
+    r = CliRunner().invoke(nav_eval, ["--checkpoint", str(ckpt), "--episodes", str(path), "--output", str(short),
+                                      "--width", "32", "--height", "24", "--max-episodes", "2",
+                                      "--max-new-tokens", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((short / "summary.json").read_text())["max_new_tokens"] == 1
+    assert json.loads((out / "summary.json").read_text())["max_new_tokens"] is None  # the agent's default
+    from streamvln.nav_eval import build_policy
+    assert build_policy("model", str(ckpt), [], 1, 0, {"max_new_tokens": 7}).agent.cfg.max_new_tokens == 7
     r = CliRunner().invoke(nav_eval, ["--episodes", str(path), "--output", str(out)])
     assert r.exit_code != 0 and "--checkpoint is needed" in r.output

@@ -53,18 +53,21 @@ def run(*args):
 
 
 @pytest.mark.slow
-def test_overfit_room_episodes_replay_to_their_goals_in_closed_loop(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("describe", [False, True], ids=["actions", "described"])
+def test_overfit_room_episodes_replay_to_their_goals_in_closed_loop(tmp_path, tokenizer_dir, describe):
+    """`described`: trajectories and shards with the describing option, so each answer says what its frame shows
+    before its actions; the agent must let the model finish its sentence (max_new_tokens) and read the actions."""
     eps, _ = generate_episodes(EpisodeGenConfig(split="train", tier="room", scenes=4, per_scene=1, seed=3))
     for ep in eps:  # one instruction for all: the text cannot tell the episodes apart
         ep.instruction = {**ep.instruction, "instruction_text": INSTRUCTION}
     write_episodes(tmp_path / "train.json.gz", eps)
     write_trajectories(tmp_path / "train.json.gz", tmp_path / "SimRoom",
-                       TrajectoryConfig(sim=SimConfig(width=64, height=48)))
+                       TrajectoryConfig(sim=SimConfig(width=64, height=48), describe=describe))
     # 8-step windows with 4 memory frames: every episode crosses windows, so memory openings are exercised
     folders = []
     for seed in range(SEEDS):
-        run_nav([tmp_path / "SimRoom"], tmp_path / f"shards{seed}", replace(SHARDS, seed=seed), tokenizer_dir,
-                progress=False)
+        run_nav([tmp_path / "SimRoom"], tmp_path / f"shards{seed}", replace(SHARDS, seed=seed, describe=describe),
+                tokenizer_dir, progress=False)
         folders.append(str(tmp_path / f"shards{seed}" / "nav"))
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(MODEL))
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump({
@@ -83,7 +86,8 @@ def test_overfit_room_episodes_replay_to_their_goals_in_closed_loop(tmp_path, to
     # closed loop through the agent (its own conjunction draws) and the batched rollout, nav-eval's path
     sources, _ = read_source(tmp_path / "SimRoom")
     agent = load_agent(str(tmp_path / "run" / "final"), num_envs=2,
-                       overrides={"num_frames": SHARDS.num_frames, "num_history": SHARDS.num_history})
+                       overrides={"num_frames": SHARDS.num_frames, "num_history": SHARDS.num_history,
+                                  "max_new_tokens": 48 if describe else None})
     sims = [MiniWorldSim(SimConfig(width=64, height=48)) for _ in range(2)]
     try:
         results = {str(r.episode.trajectory_id): r for r in rollout(sims, AgentPolicy(agent), eps)}
@@ -97,3 +101,8 @@ def test_overfit_room_episodes_replay_to_their_goals_in_closed_loop(tmp_path, to
     for e in sources:
         assert results[e.episode_id].actions == list(e.actions[1:]) + [0], e.episode_id
     assert min(len(r.actions) for r in results.values()) > SHARDS.num_frames  # every one crossed a window
+    if describe:  # each environment's last answer: a taught line about its frame, then actions ending in STOP
+        lines = {line for e in sources for line in e.descriptions}
+        for env in agent.envs:
+            said, actions = env.last_text.removeprefix("In view: ").rsplit(". ", 1)
+            assert said + "." in lines and actions.removesuffix("<|im_end|>").endswith("STOP"), env.last_text

@@ -116,7 +116,8 @@ def test_every_shipped_config_loads_strictly():
     for path in (root / "shards").glob("*.yaml"):
         cls = shard_configs.get(path.stem, NavShardConfig)
         # the reference files state the defaults; the demo files are the demos' own
-        assert load_config(cls, path) == cls() or path.stem in ("demo", "calvin_demo", "calvin_ladder", "grounding")
+        assert load_config(cls, path) == cls() or path.stem in ("demo", "calvin_demo", "calvin_ladder", "grounding",
+                                                                      "describe")
     for path in (root / "data").glob("*.yaml"):
         assert load_mix(path).tasks
     for path in (root / "train").glob("*.yaml"):
@@ -130,11 +131,18 @@ def test_every_shipped_config_loads_strictly():
     from streamvln.sim.trajectories import TrajectoryConfig
 
     assert load_config(TrajectoryConfig, root / "sim" / "trajectories.yaml") == TrajectoryConfig()  # = defaults
+    for name in ("search", "describe"):  # the options beyond the reference, each on top of the defaults
+        load_config(TrajectoryConfig, root / "sim" / f"trajectories_{name}.yaml").validate()
+    described = load_config(NavShardConfig, root / "shards" / "describe.yaml")
+    described.validate()
+    from streamvln.sim.world import COLOURS
+    assert described.describe and described.decoy_words == list(COLOURS)
     assert load_config(EpisodeGenConfig, root / "sim" / "episodes_train.yaml") == EpisodeGenConfig()
     from streamvln.sim.grounding import GroundingConfig
     assert load_config(GroundingConfig, root / "sim" / "grounding.yaml") == GroundingConfig()  # = defaults
     from streamvln.dagger.policy import DaggerConfig
     assert load_config(DaggerConfig, root / "dagger" / "reference.yaml") == DaggerConfig()  # = defaults
+    assert load_config(DaggerConfig, root / "dagger" / "describe.yaml") == DaggerConfig(describe=True)
     for path in (root / "deepspeed").glob("*.json"):
         assert json.loads(path.read_text())["zero_optimization"]["stage"] in (2, 3)
 

@@ -21,8 +21,14 @@ class EpisodeResult:
     path: list = field(default_factory=list)
     actions: list = field(default_factory=list)
     frames: list = field(default_factory=list)  # first-person frames when asked for (videos)
+    poses: list = field(default_factory=list)  # with the frames: each one's (x, z, heading)
     error: str | None = None
     info: dict = field(default_factory=dict)  # what the policy reports of the episode (DAgger's interventions)
+
+
+def pose(sim) -> tuple[float, float, float]:
+    position, heading = sim.agent_pose()
+    return float(position[0]), float(position[2]), float(heading)
 
 
 def rollout(sims, policy, episodes, keep_frames: bool = False):
@@ -40,7 +46,7 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
                 yield EpisodeResult(ep, None, error=str(e))
                 continue
             policy.reset(i, ep)
-            running[i] = (ep, [], [o.rgb] if keep_frames else [])
+            running[i] = (ep, [], [o.rgb] if keep_frames else [], [pose(sims[i])] if keep_frames else [])
             obs[i] = o
             return
 
@@ -50,7 +56,7 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
         active = sorted(running)
         actions = policy.act([obs[i] for i in active], active)
         for i in active:
-            ep, acts, frames = running[i]
+            ep, acts, frames, poses = running[i]
             ended = actions[i] is None
             if not ended:
                 a = int(actions[i])
@@ -58,9 +64,10 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
                 acts.append(a)
                 if keep_frames:
                     frames.append(obs[i].rgb)
+                    poses.append(pose(sims[i]))
             if ended or sims[i].done:
                 del running[i]
                 path = [[float(v) for v in p] for p in sims[i].agent_path()]
                 info = policy.episode_info(i) if hasattr(policy, "episode_info") else {}
-                yield EpisodeResult(ep, sims[i].metrics(), path, acts, frames, info=info)
+                yield EpisodeResult(ep, sims[i].metrics(), path, acts, frames, poses, info=info)
                 yield from start(i)

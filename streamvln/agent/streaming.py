@@ -41,7 +41,7 @@ class AgentConfig:
     num_frames: int = 32  # window length in steps
     num_history: int = 8  # memory frames at a window opening
     image_size: int = 384  # the vision tower's input (tiny demo model: 112)
-    max_new_tokens: int = 24  # 4 symbols, the header the model may repeat, <|im_end|>: plenty
+    max_new_tokens: int = 24  # 4 symbols, the header the model may repeat, <|im_end|>: plenty (a describing model: 48)
     history_mode: str = "exact"  # memory frame choice, as the shards ("reference" = its arange)
     reference_memory_text: bool = False  # the reference eval's memory sentence (no colon)
     seed: int = 0  # conjunction choice per (episode, window)

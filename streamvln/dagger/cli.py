@@ -74,14 +74,15 @@ def _clear(out: Path) -> None:
 @click.option("--num-frames", type=int, default=None, help="agent window length [32]")
 @click.option("--num-history", type=int, default=None, help="agent memory frames [8]")
 @click.option("--reference-memory-text", is_flag=True, default=None, help="the reference eval's memory sentence")
+@click.option("--max-new-tokens", type=int, default=None, help="tokens an answer may have [24]; a describing model: 48")
 @click.option("--dataset", default=None, help="name in the video folders [the --out folder's name, lower case]")
 @click.option("--jpeg-quality", default=75, show_default=True, help="PIL's default, as the reference")
 @click.option("--commit-freq", default=50, show_default=True, help="rewrite annotations_<rank>.json every N saved")
 @click.option("--overwrite", is_flag=True, help="start the folder again instead of resuming")
 @click.option("--quiet", is_flag=True, help="no line per episode")
 def main(checkpoint, episodes_path, gt_annotations, out, config_path, num_envs, every, max_episodes, width, height,
-         num_frames, num_history, reference_memory_text, dataset, jpeg_quality, commit_freq, overwrite, quiet,
-         **options):
+         num_frames, num_history, reference_memory_text, max_new_tokens, dataset, jpeg_quality, commit_freq, overwrite,
+         quiet, **options):
     """Collect DAgger trajectories: the model drives, the expert takes over when it goes wrong."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
@@ -93,7 +94,7 @@ def main(checkpoint, episodes_path, gt_annotations, out, config_path, num_envs, 
         episodes = read_episodes(episodes_path)[::every][:max_episodes]
         ref_actions = load_ref_actions(gt_annotations)
         agent_overrides = {"num_frames": num_frames, "num_history": num_history,
-                           "reference_memory_text": reference_memory_text}
+                           "reference_memory_text": reference_memory_text, "max_new_tokens": max_new_tokens}
         resolved = {**asdict(cfg), "beta": cfg.beta, "checkpoint": str(checkpoint), "episodes": str(episodes_path),
                     "gt_annotations": gt_annotations, "every": every, "max_episodes": max_episodes,
                     "width": width, "height": height, "agent": agent_overrides, "jpeg_quality": jpeg_quality,

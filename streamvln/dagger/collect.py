@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from streamvln.sim.base import SimConfig
+from streamvln.sim.tiers import build_scene
 from streamvln.sim.trajectories import atomic_write, open_log, read_log, sort_key, video_name, write_video
+from streamvln.sim.views import DESCRIBE_AHEAD, in_view
 
 from .policy import DaggerConfig, relative_pl, save_decision
 
@@ -91,6 +94,10 @@ def episode_row(result, cfg: DaggerConfig, dataset: str) -> tuple[dict, dict | N
     labels = info["expert_actions"] if cfg.labels == "expert" else result.actions
     entry = {"id": ep.episode_id, "video": video_name(ep.scene_id, dataset, ep.episode_id),
              "instructions": [ep.instruction_text], "actions": [-1] + [int(a) for a in labels[:n - 1]]}
+    if cfg.describe:  # the camera is nav-eval's and the trajectories' (SimConfig's field of view and height)
+        spec, sim = build_scene(ep.scene_id), SimConfig()
+        entry["descriptions"] = [in_view(spec, (x, z), h, sim.hfov, DESCRIBE_AHEAD, sim.camera_height)
+                                 for x, z, h in result.poses[:n]]
     row["video"], row["frames"] = entry["video"], n
     return row, entry, result.frames[:n]
 

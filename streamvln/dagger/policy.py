@@ -57,6 +57,9 @@ class DaggerConfig:
     clean_pl: float = 0.85  # SUCCESS_RELATIVE_PATH_LENGTH_THRESHOLD
     seed: int = 0  # per-episode chunk draws (the reference seeds Python's RNG with the rank)
     labels: str = "executed"  # executed: the actions taken (reference) | expert: the expert's action at each frame
+    # Beyond the reference, off by default: saved episodes also get each frame's description (docs/simulator.md,
+    # "A describing expert"), so a describing model's DAgger data can be sharded with `describe: true`
+    describe: bool = False
 
     @property
     def beta(self) -> float:
