@@ -119,7 +119,7 @@ def save_media(output: Path, sim, result, maps: bool, videos: bool) -> None:
 @click.option("--num-frames", type=int, default=None, help="window length [32]")
 @click.option("--num-history", type=int, default=None, help="memory frames [8]")
 @click.option("--reference-memory-text", is_flag=True, default=None, help="the reference's memory sentence (no colon)")
-@click.option("--max-new-tokens", type=int, default=None,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
               help="tokens an answer may have [24]; a describing model (docs/shards.md, describe) needs about 48")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--maps", is_flag=True, help="top-down map per episode (maps/*.png)")

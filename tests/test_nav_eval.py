@@ -144,6 +144,9 @@ def test_cli_loads_a_checkpoint_directory_and_runs_the_agent(episodes_file, toke
                                       "--max-new-tokens", "1"])
     assert r.exit_code == 0, r.output
     assert json.loads((short / "summary.json").read_text())["max_new_tokens"] == 1
+    r = CliRunner().invoke(nav_eval, ["--checkpoint", str(ckpt), "--episodes", str(path), "--output", str(short),
+                                      "--max-new-tokens", "0"])
+    assert r.exit_code == 2 and "--max-new-tokens" in r.output  # refused, not generated as one token
     assert json.loads((out / "summary.json").read_text())["max_new_tokens"] is None  # the agent's default
     from streamvln.nav_eval import build_policy
     assert build_policy("model", str(ckpt), [], 1, 0, {"max_new_tokens": 7}).agent.cfg.max_new_tokens == 7

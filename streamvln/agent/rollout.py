@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streamvln.sim.base import SimulatorError
+from streamvln.sim.base import SimulatorError, ground_pose
 
 
 @dataclass
@@ -24,11 +24,6 @@ class EpisodeResult:
     poses: list = field(default_factory=list)  # with the frames: each one's (x, z, heading)
     error: str | None = None
     info: dict = field(default_factory=dict)  # what the policy reports of the episode (DAgger's interventions)
-
-
-def pose(sim) -> tuple[float, float, float]:
-    position, heading = sim.agent_pose()
-    return float(position[0]), float(position[2]), float(heading)
 
 
 def rollout(sims, policy, episodes, keep_frames: bool = False):
@@ -46,7 +41,8 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
                 yield EpisodeResult(ep, None, error=str(e))
                 continue
             policy.reset(i, ep)
-            running[i] = (ep, [], [o.rgb] if keep_frames else [], [pose(sims[i])] if keep_frames else [])
+            kept = ([o.rgb], [ground_pose(sims[i])]) if keep_frames else ([], [])
+            running[i] = (ep, [], *kept)
             obs[i] = o
             return
 
@@ -64,7 +60,7 @@ def rollout(sims, policy, episodes, keep_frames: bool = False):
                 acts.append(a)
                 if keep_frames:
                     frames.append(obs[i].rgb)
-                    poses.append(pose(sims[i]))
+                    poses.append(ground_pose(sims[i]))
             if ended or sims[i].done:
                 del running[i]
                 path = [[float(v) for v in p] for p in sims[i].agent_path()]

@@ -74,7 +74,8 @@ def _clear(out: Path) -> None:
 @click.option("--num-frames", type=int, default=None, help="agent window length [32]")
 @click.option("--num-history", type=int, default=None, help="agent memory frames [8]")
 @click.option("--reference-memory-text", is_flag=True, default=None, help="the reference eval's memory sentence")
-@click.option("--max-new-tokens", type=int, default=None, help="tokens an answer may have [24]; a describing model: 48")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="tokens an answer may have [24]; a describing model: 48")
 @click.option("--dataset", default=None, help="name in the video folders [the --out folder's name, lower case]")
 @click.option("--jpeg-quality", default=75, show_default=True, help="PIL's default, as the reference")
 @click.option("--commit-freq", default=50, show_default=True, help="rewrite annotations_<rank>.json every N saved")

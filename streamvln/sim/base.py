@@ -90,6 +90,12 @@ def wrap(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
+def ground_pose(sim) -> tuple[float, float, float]:
+    """The agent's (x, z, heading) on the floor plan: what a view's geometry needs (streamvln.sim.views)."""
+    position, heading = sim.agent_pose()
+    return float(position[0]), float(position[2]), float(heading)
+
+
 def bearing(src, dst) -> float:
     """Heading (Habitat convention) that faces from src to dst, both [x, z]."""
     return math.atan2(-(dst[0] - src[0]), -(dst[1] - src[1]))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import LEFT, RIGHT, STOP, SimConfig, SimulatorError, bearing, wrap
+from .base import LEFT, RIGHT, STOP, SimConfig, SimulatorError, bearing, ground_pose, wrap
 from .episodes import NavEpisode, read_episodes
 from .views import DESCRIBE_AHEAD, in_view
 
@@ -104,8 +104,7 @@ def walk(sim, episode: NavEpisode, cfg: TrajectoryConfig, poses: list | None = N
     def see(obs):
         frames.append(obs.rgb)
         if poses is not None:
-            pos, heading = sim.agent_pose()
-            poses.append((float(pos[0]), float(pos[2]), float(heading)))
+            poses.append(ground_pose(sim))
 
     see(sim.reset(episode))
     waypoints = [p for p in episode.reference_path[1:]] or [episode.goal_position]
